@@ -1,0 +1,99 @@
+"""One step of each recurrent cell, forward and backward, in fp32 (or fp64) registers.
+
+Gate order and equations are torch.nn's, so weights load from torch.nn modules unchanged:
+
+- LSTM (gates i, f, g, o):  i = sigmoid(a_i), f = sigmoid(a_f), g = tanh(a_g), o = sigmoid(a_o),
+  c' = f*c + i*g,  h' = o*tanh(c'),  where a_k = x_k + r_k  (x_k: input projection with both biases,
+  r_k = (h @ W_hh^T)_k).
+- GRU (gates r, z, n):  r = sigmoid(x_r + r_r), z = sigmoid(x_z + r_z), q = r_n + b_hn,
+  n = tanh(x_n + r*q),  h' = (1-z)*n + z*h.   b_hn stays inside r*(...), so it is not in x_n.
+- RNN:  h' = tanh(x + r) or relu(x + r).
+
+The time loops call ``cell_forward`` / ``cell_backward`` with four gate slots; a cell with fewer gates
+gets (and returns) unused slots that the loops never load or store (CELL decides at compile time).
+
+What each cell saves per step for its backward ("saved slots", fp32):
+LSTM: i, f, g, o.  GRU: r, z, n, q.  RNN: h'.
+"""
+import triton
+import triton.language as tl
+
+LSTM = tl.constexpr(0)
+GRU = tl.constexpr(1)
+RNN_TANH = tl.constexpr(2)
+RNN_RELU = tl.constexpr(3)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # exp-based (libdevice does not run in the interpreter); 2*sigmoid(2x)-1 stays finite for any |x|.
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def cell_forward(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, b_hn, h, c):
+    """One step. x*: input-projection slots, r*: recurrent slots (h @ W_hh^T per gate).
+
+    Returns (h', c', s0, s1, s2, s3): the new state and the saved slots for backward.
+    """
+    if CELL == LSTM:
+        i = _sigmoid(x0 + r0)
+        f = _sigmoid(x1 + r1)
+        g = _tanh(x2 + r2)
+        o = _sigmoid(x3 + r3)
+        c_new = f * c + i * g
+        h_new = o * _tanh(c_new)
+        return h_new, c_new, i, f, g, o
+    elif CELL == GRU:
+        r = _sigmoid(x0 + r0)
+        z = _sigmoid(x1 + r1)
+        q = r2 + b_hn
+        n = _tanh(x2 + r * q)
+        h_new = (1.0 - z) * n + z * h
+        return h_new, c, r, z, n, q
+    elif CELL == RNN_TANH:
+        h_new = _tanh(x0 + r0)
+        return h_new, c, h_new, h_new, h_new, h_new
+    else:
+        h_new = tl.maximum(x0 + r0, 0.0)
+        return h_new, c, h_new, h_new, h_new, h_new
+
+
+@triton.jit
+def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
+    """Derivative of ``cell_forward``.
+
+    dh, dc: dLoss/dh', dLoss/dc' (everything after this step).  s*: saved slots of this step;
+    c_new, c: cell state after and before the step (LSTM); h: hidden state before the step (GRU).
+
+    Returns (dx0, dx1, dx2, dx3, dr2, dh_direct, dc_prev): gradients of the input-projection slots,
+    the gradient of the recurrent n-slot r_n (GRU only, where it differs from dx2), the part of
+    dLoss/dh that does not go through W_hh, and dLoss/dc.
+    The recurrent slots' gradients equal the input slots' (dr_k = dx_k) except GRU's n-slot.
+    """
+    if CELL == LSTM:
+        i, f, g, o = s0, s1, s2, s3
+        tc = _tanh(c_new)
+        dc = dc + dh * o * (1.0 - tc * tc)
+        di = dc * g * i * (1.0 - i)
+        df = dc * c * f * (1.0 - f)
+        dg = dc * i * (1.0 - g * g)
+        do = dh * tc * o * (1.0 - o)
+        return di, df, dg, do, dg, dh * 0.0, dc * f
+    elif CELL == GRU:
+        r, z, n, q = s0, s1, s2, s3
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        dz = dh * (h - n) * z * (1.0 - z)
+        dr = dn * q * r * (1.0 - r)
+        return dr, dz, dn, dn, dn * r, dh * z, dc
+    elif CELL == RNN_TANH:
+        da = dh * (1.0 - s0 * s0)
+        return da, da, da, da, da, dh * 0.0, dc
+    else:
+        da = tl.where(s0 > 0.0, dh, 0.0)
+        return da, da, da, da, da, dh * 0.0, dc

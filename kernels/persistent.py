@@ -1,0 +1,224 @@
+"""Tile-persistent time loops: one program per batch tile keeps all of W_hh on chip for all T steps.
+
+Both loops serve every cell (``CELL`` selects the math from ``cells``); a cell has NUM_GATES gate
+slots of H units each, stacked in torch's order in W_hh [NUM_GATES*H, H].
+
+Forward, per program (batch rows b0 .. b0+BLOCK_B):
+    load W_hh^T once (NUM_GATES tiles [H, H]);  h, c <- h0, c0
+    for s in 0 .. T-1:  t = s (or T-1-s when REVERSE)
+        r_k = h @ W_k^T  (tl.dot, fp32 accumulation);  h, c = cell_forward(xp[t], r, h, c)
+        y[t] = h;  saved[t] = the cell's saved slots (and cs[t] = c for the LSTM) when SAVE
+    hn, cn <- h, c
+
+Backward, per program, reverse of the forward:
+    load W_hh once (NUM_GATES tiles [H, H]);  dh, dc <- dhn, dcn
+    for each step, last first:
+        dh += dy[t];  dx, dc = cell_backward(dh, dc, saved[t], ...);  dxp[t] = dx
+        dh = sum_k dr_k @ W_k  (+ the cell's direct term)
+    dh0, dc0 <- dh, dc
+The weight gradients are not accumulated here: the host forms them from dxp with large GEMMs.
+
+Sizes need not be powers of two: tiles are padded to BLOCK_H / BLOCK_B and every load and store is
+masked. Offsets along T and B are computed in 64 bits.
+"""
+import triton
+import triton.language as tl
+
+from .cells import GRU, LSTM, cell_backward, cell_forward
+
+
+@triton.jit
+def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATES: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
+    """The NUM_GATES [H, H] blocks of W_hh [NUM_GATES*H, H], as W_k^T (TRANSPOSE) or W_k.
+
+    Slots beyond NUM_GATES repeat slot 0 and are never used.
+    """
+    if TRANSPOSE:  # tile[j, n] = W[k*H + n, j]: h @ tile gives gate pre-activations
+        offs = offs_h[None, :] * H + offs_h[:, None]
+    else:          # tile[n, j] = W[k*H + n, j]: dgate @ tile gives dLoss/dh
+        offs = offs_h[:, None] * H + offs_h[None, :]
+    mask = mask_h[:, None] & mask_h[None, :]
+    w0 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(DOT_DTYPE)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NUM_GATES > 1:
+        w1 = tl.load(w_ptr + H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
+        w2 = tl.load(w_ptr + 2 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
+    if NUM_GATES > 3:
+        w3 = tl.load(w_ptr + 3 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
+    """NUM consecutive H-wide slots at ptr (a [BLOCK_B, BLOCK_H] pointer tile); unused slots repeat 0."""
+    s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if NUM > 1:
+        s1 = tl.load(ptr + H, mask=mask, other=0.0).to(ACC)
+        s2 = tl.load(ptr + 2 * H, mask=mask, other=0.0).to(ACC)
+    if NUM > 3:
+        s3 = tl.load(ptr + 3 * H, mask=mask, other=0.0).to(ACC)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _store_slots(ptr, H, mask, NUM: tl.constexpr, s0, s1, s2, s3):
+    tl.store(ptr, s0.to(ptr.dtype.element_ty), mask=mask)
+    if NUM > 1:
+        tl.store(ptr + H, s1.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + 2 * H, s2.to(ptr.dtype.element_ty), mask=mask)
+    if NUM > 3:
+        tl.store(ptr + 3 * H, s3.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def persistent_fwd_kernel(
+    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, NUM_GATES*H] input projection, biases folded in
+    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
+    b_hn_ptr,                           # [H] (GRU only)
+    h0_ptr, c0_ptr,                     # [B, H] contiguous (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output
+    hn_ptr, cn_ptr,                     # [B, H] final states
+    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    T, B, H,
+    CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    mask = (offs_b < B)[:, None] & mask_h[None, :]
+    offs_b64 = offs_b.to(tl.int64)[:, None]
+    state_offs = offs_b64 * H + offs_h[None, :]
+
+    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, True, NUM_GATES, DOT_DTYPE)
+    b_hn = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    if CELL == GRU:
+        b_hn += tl.load(b_hn_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
+    h = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    c = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+        if CELL == LSTM:
+            c = tl.load(c0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+
+    xp_offs = offs_b64 * stride_xp_b + offs_h[None, :]
+    y_offs = offs_b64 * stride_y_b + offs_h[None, :]
+    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h[None, :]
+    for s in range(T):
+        t = s
+        if REVERSE:
+            t = T - 1 - s
+        t64 = t.to(tl.int64)
+        x0, x1, x2, x3 = _load_slots(xp_ptr + t64 * stride_xp_t + xp_offs, H, mask, NUM_GATES, ACC)
+        hd = h.to(DOT_DTYPE)
+        r0 = tl.dot(hd, w0, out_dtype=ACC, input_precision=PRECISION)
+        r1 = r0
+        r2 = r0
+        r3 = r0
+        if NUM_GATES > 1:
+            r1 = tl.dot(hd, w1, out_dtype=ACC, input_precision=PRECISION)
+            r2 = tl.dot(hd, w2, out_dtype=ACC, input_precision=PRECISION)
+        if NUM_GATES > 3:
+            r3 = tl.dot(hd, w3, out_dtype=ACC, input_precision=PRECISION)
+        h, c, s0, s1, s2, s3 = cell_forward(CELL, x0, x1, x2, x3, r0, r1, r2, r3, b_hn, h, c)
+        # Padded lanes must stay finite zeros: they are the K dimension of the next step's dot.
+        h = tl.where(mask, h, 0.0)
+        tl.store(y_ptr + t64 * stride_y_t + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            _store_slots(saved_ptr + t64 * (B * NUM_SAVED * H) + saved_offs, H, mask, NUM_SAVED,
+                         s0, s1, s2, s3)
+            if CELL == LSTM:
+                tl.store(cs_ptr + t64 * (B * H) + state_offs, c, mask=mask)
+
+    tl.store(hn_ptr + state_offs, h.to(hn_ptr.dtype.element_ty), mask=mask)
+    if CELL == LSTM:
+        tl.store(cn_ptr + state_offs, c.to(cn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def persistent_bwd_kernel(
+    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, H] dLoss/dy
+    dhn_ptr, dcn_ptr,                   # [B, H] dLoss/dhn, dLoss/dcn, contiguous
+    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
+    saved_ptr, cs_ptr,                  # from the forward (SAVE)
+    h0_ptr, c0_ptr,                     # [B, H] initial states (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # forward output (GRU reads h_{t-1} from it)
+    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp
+    dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
+    dh0_ptr, dc0_ptr,                   # [B, H] out
+    T, B, H,
+    CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    mask = (offs_b < B)[:, None] & mask_h[None, :]
+    offs_b64 = offs_b.to(tl.int64)[:, None]
+    state_offs = offs_b64 * H + offs_h[None, :]
+
+    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, False, NUM_GATES, DOT_DTYPE)
+    dh = tl.load(dhn_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+    dc = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    state0 = tl.zeros([BLOCK_B, BLOCK_H], ACC)  # the state before the first step: c0 (LSTM), h0 (GRU)
+    if CELL == LSTM:
+        dc = tl.load(dcn_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+        if HAS_H0:
+            state0 = tl.load(c0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+    if CELL == GRU:
+        if HAS_H0:
+            state0 = tl.load(h0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
+
+    dy_offs = offs_b64 * stride_dy_b + offs_h[None, :]
+    y_offs = offs_b64 * stride_y_b + offs_h[None, :]
+    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h[None, :]
+    dxp_offs = offs_b64 * stride_dxp_b + offs_h[None, :]
+    for s in range(T):
+        t = T - 1 - s
+        t_prev = t - 1  # the step before t in the forward's order
+        if REVERSE:
+            t = s
+            t_prev = t + 1
+        has_prev = s < T - 1
+        t64 = t.to(tl.int64)
+        # Clamped so the load stays in bounds; at the first step of the forward, state0 replaces it.
+        tp64 = tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64)
+        dh += tl.load(dy_ptr + t64 * stride_dy_t + dy_offs, mask=mask, other=0.0).to(ACC)
+        s0, s1, s2, s3 = _load_slots(saved_ptr + t64 * (B * NUM_SAVED * H) + saved_offs, H, mask,
+                                     NUM_SAVED, ACC)
+        c_new = state0
+        prev = state0
+        if CELL == LSTM:
+            c_new = tl.load(cs_ptr + t64 * (B * H) + state_offs, mask=mask, other=0.0)
+            prev = tl.load(cs_ptr + tp64 * (B * H) + state_offs, mask=mask, other=0.0)
+        if CELL == GRU:
+            prev = tl.load(y_ptr + tp64 * stride_y_t + y_offs, mask=mask, other=0.0).to(ACC)
+        prev = tl.where(has_prev, prev, state0)
+        d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev, prev)
+        _store_slots(dxp_ptr + t64 * stride_dxp_t + dxp_offs, H, mask, NUM_GATES, d0, d1, d2, d3)
+        if CELL == GRU:
+            tl.store(dqn_ptr + t64 * (B * H) + state_offs, dq2.to(dqn_ptr.dtype.element_ty), mask=mask)
+        dh = tl.dot(d0.to(DOT_DTYPE), w0, out_dtype=ACC, input_precision=PRECISION)
+        if NUM_GATES > 1:
+            dh += tl.dot(d1.to(DOT_DTYPE), w1, out_dtype=ACC, input_precision=PRECISION)
+            dh += tl.dot(dq2.to(DOT_DTYPE), w2, out_dtype=ACC, input_precision=PRECISION)
+        if NUM_GATES > 3:
+            dh += tl.dot(d3.to(DOT_DTYPE), w3, out_dtype=ACC, input_precision=PRECISION)
+        if CELL == GRU:
+            dh += dh_direct
+
+    tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
+    if CELL == LSTM:
+        tl.store(dc0_ptr + state_offs, dc.to(dc0_ptr.dtype.element_ty), mask=mask)

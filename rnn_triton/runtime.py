@@ -1,0 +1,16 @@
+"""Process-wide switches read from the environment, and the kernel launch counter."""
+import os
+from collections import Counter
+
+#: How many times each Triton kernel was launched in this process; tests read it to prove a kernel ran.
+launches: Counter = Counter()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def strict() -> bool:
+    """True when RNN_TRITON_STRICT=1: a fallback to torch raises instead of running silently."""
+    return os.environ.get("RNN_TRITON_STRICT", "0") not in ("", "0")
