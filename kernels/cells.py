@@ -36,31 +36,32 @@ def _tanh(x):
 
 
 @triton.jit
-def cell_forward(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, b_hn, h, c):
-    """One step. x*: input-projection slots, r*: recurrent slots (h @ W_hh^T per gate).
+def cell_forward(CELL: tl.constexpr, a0, a1, a2, a3, x_n, b_hn, h, c):
+    """One step. a_k = x_k + (h @ W_hh^T)_k per gate slot, except GRU's a2 = (h @ W_hn^T) alone, whose
+    input part is x_n.
 
     Returns (h', c', s0, s1, s2, s3): the new state and the saved slots for backward.
     """
     if CELL == LSTM:
-        i = _sigmoid(x0 + r0)
-        f = _sigmoid(x1 + r1)
-        g = _tanh(x2 + r2)
-        o = _sigmoid(x3 + r3)
+        i = _sigmoid(a0)
+        f = _sigmoid(a1)
+        g = _tanh(a2)
+        o = _sigmoid(a3)
         c_new = f * c + i * g
         h_new = o * _tanh(c_new)
         return h_new, c_new, i, f, g, o
     elif CELL == GRU:
-        r = _sigmoid(x0 + r0)
-        z = _sigmoid(x1 + r1)
-        q = r2 + b_hn
-        n = _tanh(x2 + r * q)
+        r = _sigmoid(a0)
+        z = _sigmoid(a1)
+        q = a2 + b_hn
+        n = _tanh(x_n + r * q)
         h_new = (1.0 - z) * n + z * h
         return h_new, c, r, z, n, q
     elif CELL == RNN_TANH:
-        h_new = _tanh(x0 + r0)
+        h_new = _tanh(a0)
         return h_new, c, h_new, h_new, h_new, h_new
     else:
-        h_new = tl.maximum(x0 + r0, 0.0)
+        h_new = tl.maximum(a0, 0.0)
         return h_new, c, h_new, h_new, h_new, h_new
 
 

@@ -6,7 +6,7 @@ slots of H units each, stacked in torch's order in W_hh [NUM_GATES*H, H].
 Forward, per program (batch rows b0 .. b0+BLOCK_B):
     load W_hh^T once (NUM_GATES tiles [H, H]);  h, c <- h0, c0
     for s in 0 .. T-1:  t = s (or T-1-s when REVERSE)
-        r_k = h @ W_k^T  (tl.dot, fp32 accumulation);  h, c = cell_forward(xp[t], r, h, c)
+        a_k = xp[t]_k + h @ W_k^T  (tl.dot, fp32 accumulation);  h, c = cell_forward(a, h, c)
         y[t] = h;  saved[t] = the cell's saved slots (and cs[t] = c for the LSTM) when SAVE
     hn, cn <- h, c
 
@@ -17,6 +17,11 @@ Backward, per program, reverse of the forward:
         dh = sum_k dr_k @ W_k  (+ the cell's direct term)
     dh0, dc0 <- dh, dc
 The weight gradients are not accumulated here: the host forms them from dxp with large GEMMs.
+
+Every tile is kept transposed, [BLOCK_H, BLOCK_B] (units x batch rows), so that the weight is the
+left operand of each dot: gates^T = W_k @ h^T. With 128 units that is an M=128 dot, which Hopper runs
+as wgmma reading W straight from shared memory; the other order would stream all of W through
+registers every step and spill at H = 128.
 
 Sizes need not be powers of two: tiles are padded to BLOCK_H / BLOCK_B and every load and store is
 masked. Offsets along T and B are computed in 64 bits.
@@ -30,13 +35,13 @@ from .cells import GRU, LSTM, cell_backward, cell_forward
 @triton.jit
 def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATES: tl.constexpr,
                      DOT_DTYPE: tl.constexpr):
-    """The NUM_GATES [H, H] blocks of W_hh [NUM_GATES*H, H], as W_k^T (TRANSPOSE) or W_k.
+    """The NUM_GATES [H, H] blocks W_k of W_hh [NUM_GATES*H, H], as W_k or (TRANSPOSE) W_k^T.
 
     Slots beyond NUM_GATES repeat slot 0 and are never used.
     """
-    if TRANSPOSE:  # tile[j, n] = W[k*H + n, j]: h @ tile gives gate pre-activations
+    if TRANSPOSE:  # tile[j, n] = W[k*H + n, j]: tile @ dgate^T gives dLoss/dh^T
         offs = offs_h[None, :] * H + offs_h[:, None]
-    else:          # tile[n, j] = W[k*H + n, j]: dgate @ tile gives dLoss/dh
+    else:          # tile[n, j] = W[k*H + n, j]: tile @ h^T gives the gates' pre-activations^T
         offs = offs_h[:, None] * H + offs_h[None, :]
     mask = mask_h[:, None] & mask_h[None, :]
     w0 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(DOT_DTYPE)
@@ -53,7 +58,7 @@ def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATE
 
 @triton.jit
 def _load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
-    """NUM consecutive H-wide slots at ptr (a [BLOCK_B, BLOCK_H] pointer tile); unused slots repeat 0."""
+    """NUM consecutive H-wide slots at ptr (a [BLOCK_H, BLOCK_B] pointer tile); unused slots repeat 0."""
     s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
     s1 = s0
     s2 = s0
@@ -95,24 +100,26 @@ def persistent_fwd_kernel(
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    mask = (offs_b < B)[:, None] & mask_h[None, :]
-    offs_b64 = offs_b.to(tl.int64)[:, None]
-    state_offs = offs_b64 * H + offs_h[None, :]
+    mask = mask_h[:, None] & (offs_b < B)[None, :]
+    offs_b64 = offs_b.to(tl.int64)[None, :]
+    offs_h = offs_h[:, None]  # from here on a column: tiles are [BLOCK_H, BLOCK_B]
+    state_offs = offs_b64 * H + offs_h
 
-    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, True, NUM_GATES, DOT_DTYPE)
-    b_hn = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, False, NUM_GATES,
+                                      DOT_DTYPE)
+    b_hn = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     if CELL == GRU:
-        b_hn += tl.load(b_hn_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
-    h = tl.zeros([BLOCK_B, BLOCK_H], ACC)
-    c = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+        b_hn += tl.load(b_hn_ptr + offs_h, mask=mask_h[:, None], other=0.0).to(ACC)
+    h = tl.zeros([BLOCK_H, BLOCK_B], ACC)
+    c = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
         if CELL == LSTM:
             c = tl.load(c0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
 
-    xp_offs = offs_b64 * stride_xp_b + offs_h[None, :]
-    y_offs = offs_b64 * stride_y_b + offs_h[None, :]
-    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h[None, :]
+    xp_offs = offs_b64 * stride_xp_b + offs_h
+    y_offs = offs_b64 * stride_y_b + offs_h
+    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h
     for s in range(T):
         t = s
         if REVERSE:
@@ -120,16 +127,21 @@ def persistent_fwd_kernel(
         t64 = t.to(tl.int64)
         x0, x1, x2, x3 = _load_slots(xp_ptr + t64 * stride_xp_t + xp_offs, H, mask, NUM_GATES, ACC)
         hd = h.to(DOT_DTYPE)
-        r0 = tl.dot(hd, w0, out_dtype=ACC, input_precision=PRECISION)
-        r1 = r0
-        r2 = r0
-        r3 = r0
+        # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
+        # live. GRU's n-slot keeps h @ W_n^T apart, since r multiplies it alone.
+        a0 = tl.dot(w0, hd, acc=x0, input_precision=PRECISION)
+        a1 = a0
+        a2 = a0
+        a3 = a0
         if NUM_GATES > 1:
-            r1 = tl.dot(hd, w1, out_dtype=ACC, input_precision=PRECISION)
-            r2 = tl.dot(hd, w2, out_dtype=ACC, input_precision=PRECISION)
+            a1 = tl.dot(w1, hd, acc=x1, input_precision=PRECISION)
+            if CELL == GRU:
+                a2 = tl.dot(w2, hd, out_dtype=ACC, input_precision=PRECISION)
+            else:
+                a2 = tl.dot(w2, hd, acc=x2, input_precision=PRECISION)
         if NUM_GATES > 3:
-            r3 = tl.dot(hd, w3, out_dtype=ACC, input_precision=PRECISION)
-        h, c, s0, s1, s2, s3 = cell_forward(CELL, x0, x1, x2, x3, r0, r1, r2, r3, b_hn, h, c)
+            a3 = tl.dot(w3, hd, acc=x3, input_precision=PRECISION)
+        h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, h, c)
         # Padded lanes must stay finite zeros: they are the K dimension of the next step's dot.
         h = tl.where(mask, h, 0.0)
         tl.store(y_ptr + t64 * stride_y_t + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -165,14 +177,16 @@ def persistent_bwd_kernel(
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    mask = (offs_b < B)[:, None] & mask_h[None, :]
-    offs_b64 = offs_b.to(tl.int64)[:, None]
-    state_offs = offs_b64 * H + offs_h[None, :]
+    mask = mask_h[:, None] & (offs_b < B)[None, :]
+    offs_b64 = offs_b.to(tl.int64)[None, :]
+    offs_h = offs_h[:, None]  # from here on a column: tiles are [BLOCK_H, BLOCK_B]
+    state_offs = offs_b64 * H + offs_h
 
-    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, False, NUM_GATES, DOT_DTYPE)
+    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, True, NUM_GATES,
+                                      DOT_DTYPE)
     dh = tl.load(dhn_ptr + state_offs, mask=mask, other=0.0).to(ACC)
-    dc = tl.zeros([BLOCK_B, BLOCK_H], ACC)
-    state0 = tl.zeros([BLOCK_B, BLOCK_H], ACC)  # the state before the first step: c0 (LSTM), h0 (GRU)
+    dc = tl.zeros([BLOCK_H, BLOCK_B], ACC)
+    state0 = tl.zeros([BLOCK_H, BLOCK_B], ACC)  # the state before the first step: c0 (LSTM), h0 (GRU)
     if CELL == LSTM:
         dc = tl.load(dcn_ptr + state_offs, mask=mask, other=0.0).to(ACC)
         if HAS_H0:
@@ -181,10 +195,10 @@ def persistent_bwd_kernel(
         if HAS_H0:
             state0 = tl.load(h0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
 
-    dy_offs = offs_b64 * stride_dy_b + offs_h[None, :]
-    y_offs = offs_b64 * stride_y_b + offs_h[None, :]
-    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h[None, :]
-    dxp_offs = offs_b64 * stride_dxp_b + offs_h[None, :]
+    dy_offs = offs_b64 * stride_dy_b + offs_h
+    y_offs = offs_b64 * stride_y_b + offs_h
+    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h
+    dxp_offs = offs_b64 * stride_dxp_b + offs_h
     for s in range(T):
         t = T - 1 - s
         t_prev = t - 1  # the step before t in the forward's order
@@ -210,12 +224,12 @@ def persistent_bwd_kernel(
         _store_slots(dxp_ptr + t64 * stride_dxp_t + dxp_offs, H, mask, NUM_GATES, d0, d1, d2, d3)
         if CELL == GRU:
             tl.store(dqn_ptr + t64 * (B * H) + state_offs, dq2.to(dqn_ptr.dtype.element_ty), mask=mask)
-        dh = tl.dot(d0.to(DOT_DTYPE), w0, out_dtype=ACC, input_precision=PRECISION)
+        dh = tl.dot(w0, d0.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if NUM_GATES > 1:
-            dh += tl.dot(d1.to(DOT_DTYPE), w1, out_dtype=ACC, input_precision=PRECISION)
-            dh += tl.dot(dq2.to(DOT_DTYPE), w2, out_dtype=ACC, input_precision=PRECISION)
+            dh += tl.dot(w1, d1.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+            dh += tl.dot(w2, dq2.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if NUM_GATES > 3:
-            dh += tl.dot(d3.to(DOT_DTYPE), w3, out_dtype=ACC, input_precision=PRECISION)
+            dh += tl.dot(w3, d3.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if CELL == GRU:
             dh += dh_direct
 

@@ -1,9 +1,9 @@
 """Which kernel serves a call, with which configuration, or why none does.
 
 Plain Python, no kernels: ``choose`` looks at the cell, H, B, dtype and device and returns a ``Plan``.
-The largest hidden size per (cell, dtype) is ``MAX_HIDDEN``; those numbers come from the sm_90
-compile check (``python -m rnn_triton.compile_check``): every configuration ``choose`` can return
-compiles there with no spills and within the shared-memory limit, and the next size up does not.
+The configurations per (cell, dtype) are ``TILE_CONFIGS``; they come from the sm_90 compile check
+(``python -m rnn_triton.compile_check``): every configuration ``choose`` can return compiles there with
+no spills and within the shared-memory limit, and the next size up does not.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -29,15 +29,18 @@ CELLS = {
     "RNN_RELU": Cell("RNN_RELU", 3, 1, 1),
 }
 
-#: Largest hidden size of the tile-persistent kernels, per cell and storage dtype (forward and backward
-#: both fit), read off the sm_90 compile check. H pads to the next power of two on chip.
-MAX_HIDDEN = {
-    ("LSTM", torch.float16): 128,
-    ("LSTM", torch.bfloat16): 128,
-    ("LSTM", torch.float32): 64,
+#: The tile-persistent kernel's configurations, per cell and storage dtype: {BLOCK_H: (num_warps,
+#: any_h)}, read off the sm_90 compile check (``python -m rnn_triton.compile_check``). H pads to
+#: BLOCK_H, the next power of two. any_h False: only for H a multiple of 16, where Triton specialises
+#: every size and stride as 16-divisible and the weight loads vectorise; other H at that BLOCK_H spill.
+_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
+TILE_CONFIGS = {
+    ("LSTM", torch.float16): _HALF,
+    ("LSTM", torch.bfloat16): _HALF,
+    ("LSTM", torch.float32): {16: (4, True), 32: (16, False), 64: (8, False)},
 }
 
-#: The batch rows one program owns. 16 is the smallest M of a tensor-core dot.
+#: The batch rows one program owns. 16 is the smallest N of a tensor-core dot.
 BLOCK_B = 16
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,14 +70,10 @@ def block_h_for(hidden_size: int) -> int:
     return max(16, 1 << (hidden_size - 1).bit_length())
 
 
-def num_warps_for(block_h: int) -> int:
-    # From the compile check: 4 warps spill at BLOCK_H = 128; 8 warps never spill up to the limit.
-    return 4 if block_h <= 32 else 8
-
-
-def max_hidden(cell: str, dtype: torch.dtype) -> int:
-    key_dtype = torch.float32 if dtype == torch.float64 else dtype  # float64: interpreter only
-    return MAX_HIDDEN.get((cell, key_dtype), 0)
+def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True) -> int:
+    """Largest hidden size the tile-persistent kernel takes (for H a multiple of 16, or any H)."""
+    configs = TILE_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {})
+    return max((bh for bh, (_, any_h) in configs.items() if any_h or multiple_of_16), default=0)
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device) -> Plan:
@@ -88,9 +87,11 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
         return Plan(None, "float64 runs through the Triton kernels only in the interpreter")
     if dtype not in GPU_DTYPES + (torch.float64,):
         return Plan(None, f"dtype {dtype} is not supported (float16, bfloat16, float32)")
-    limit = max_hidden(cell, dtype)
-    if hidden_size > limit:
-        return Plan(None, f"hidden_size={hidden_size} is above the tile-persistent kernel's limit "
-                          f"{limit} for {cell} in {dtype}")
+    # float64 runs only in the interpreter; it takes float32's sizes, as the GPU would.
+    configs = TILE_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {})
     block_h = block_h_for(hidden_size)
-    return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, num_warps_for(block_h)))
+    if block_h not in configs or not (configs[block_h][1] or hidden_size % 16 == 0):
+        return Plan(None, f"hidden_size={hidden_size} is above the tile-persistent kernel's limit for "
+                          f"{cell} in {dtype}: {max_hidden(cell, dtype, False)}, or "
+                          f"{max_hidden(cell, dtype, True)} for multiples of 16")
+    return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))

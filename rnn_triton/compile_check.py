@@ -1,0 +1,191 @@
+"""Compile every kernel configuration the dispatcher can choose for sm_90 (H100/H200), with no GPU.
+
+    python -m rnn_triton.compile_check            # table of the dispatcher's configurations
+    python -m rnn_triton.compile_check --probe    # also the next size up, to show where the limit is
+
+For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory and
+whether tensor-core instructions (mma/wgmma) are in the PTX. A configuration passes when it does not
+spill and its shared memory fits in an SM (227 KB). Exit status 1 if any dispatcher configuration fails.
+
+Must run without TRITON_INTERPRET (under it, @triton.jit yields interpreter functions, not compilable).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+SM90_SHARED_LIMIT = 227 * 1024
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+@dataclass
+class Result:
+    kernel: str
+    cell: str
+    dtype: str
+    block_h: int
+    block_b: int
+    num_warps: int
+    aligned: bool
+    precision: str
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    tensor_cores: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.spill_bytes == 0 and self.shared_bytes <= SM90_SHARED_LIMIT
+
+
+def _signature(fn, dtype, constexprs):
+    """Pointer args in the storage dtype, saved/cs in fp32, ints as i32, constexprs as such."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr") else _PTR[dtype]
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
+                num_warps: int, aligned: bool = False, precision: str = "ieee") -> Result:
+    """Compile one configuration. ``aligned`` mirrors the launch-time specialisation Triton applies
+    when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16. Without
+    it, nothing is assumed, as for H = 100."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .dispatch import CELLS
+    from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
+
+    cell = CELLS[cell_name]
+    fn = persistent_fwd_kernel if kernel == "fwd" else persistent_bwd_kernel
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
+                      HAS_H0=True, REVERSE=False, BLOCK_B=block_b, BLOCK_H=block_h,
+                      DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
+    if kernel == "fwd":
+        constexprs["SAVE"] = True
+    res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
+                 aligned, precision)
+    try:
+        sig = _signature(fn, dtype, constexprs)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if aligned and sig[name] != "constexpr" and name != "T"}
+        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": 1})
+    except Exception as exc:  # a failed compile is a result to report, not a crash of the check
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return res
+    res.shared_bytes = compiled.metadata.shared
+    res.tensor_cores = bool(re.search(r"\b(mma|wgmma)\.", compiled.asm["ptx"]))
+    res.registers, res.spill_bytes = _resource_usage(compiled.asm["cubin"])
+    return res
+
+
+def _resource_usage(cubin: bytes):
+    """(registers, spill bytes) from cuobjdump --dump-resource-usage (shipped in the triton wheel)."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
+    return regs, spills
+
+
+def dispatcher_configs(probe: bool = False):
+    """Every (kernel, cell, dtype, block_h, block_b, num_warps, aligned, precision) the dispatcher can
+    choose: the aligned build for every entry, the unaligned one where any H may use it; float32 both
+    as IEEE fp32 and as TF32 (cuDNN's default, which the kernels follow).
+
+    With ``probe``, also what lies just past each limit (expected to fail)."""
+    from .dispatch import BLOCK_B, TILE_CONFIGS
+    configs = []
+    for (cell, dtype), table in TILE_CONFIGS.items():
+        entries = [(bh, warps, (True, False) if any_h else (True,)) for bh, (warps, any_h) in table.items()]
+        if probe:
+            top, (warps, any_h) = max(table.items())
+            entries.append((2 * top, warps, (True,)))
+            if not any_h:
+                entries.append((top, warps, (False,)))
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for block_h, warps, alignments in entries:
+            for kernel in ("fwd", "bwd"):
+                for aligned in alignments:
+                    for precision in precisions:
+                        configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
+    return configs
+
+
+def is_dispatcher_config(r) -> bool:
+    from .dispatch import TILE_CONFIGS
+    entry = TILE_CONFIGS[(r.cell, getattr(torch, r.dtype))].get(r.block_h)
+    return entry is not None and entry[0] == r.num_warps and (r.aligned or entry[1])
+
+
+def run(configs, jobs: int = 1):
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_compile_tuple, configs))
+    return [compile_one(*c) for c in configs]
+
+
+def _compile_tuple(c):
+    return compile_one(*c)
+
+
+def format_table(results) -> str:
+    lines = ["| kernel | cell | dtype | BLOCK_H | H | BLOCK_B | warps | regs | spills (B) "
+             "| shared (KB) | tensor cores | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        fits = "yes" if r.ok else ("compile error: " + r.error if r.error else "NO")
+        dtype = r.dtype + (" (tf32)" if r.precision == "tf32" else "")
+        lines.append(f"| {r.kernel} | {r.cell} | {dtype} | {r.block_h} | {'16k' if r.aligned else 'any'} "
+                     f"| {r.block_b} | {r.num_warps} "
+                     f"| {r.registers} | {r.spill_bytes} | {r.shared_bytes / 1024:.1f} "
+                     f"| {'yes' if r.tensor_cores else 'no'} | {fits} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probe", action="store_true", help="also compile the next size up")
+    parser.add_argument("--json", help="write the results as JSON to this file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    configs = dispatcher_configs(args.probe)
+    results = run(configs, args.jobs)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"ok": r.ok} for r in results], f, indent=1)
+    chosen = [r for r in results if is_dispatcher_config(r)]
+    failed = [r for r in chosen if not r.ok]
+    print(f"\n{len(chosen) - len(failed)} of {len(chosen)} dispatcher configurations fit on sm_90.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
