@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a lent H100/H200 (about 5 minutes):
+#   1. the sm_90 compile table, 2. the test suite in compiled mode (no interpreter) on the GPU,
+#   3. rnn_triton.LSTM vs torch.nn.LSTM (cuDNN) timings; a short table printed last.
+# Everything it writes goes under $OUT (default ./out): compile.txt, tests.log, results.jsonl, REPORT.md.
+# Nothing is installed: the package is imported from this checkout.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+# rnn_triton.kernels is the top-level kernels/ folder once installed; without installing, a link.
+[ -e rnn_triton/kernels ] || ln -s ../kernels rnn_triton/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_INTERPRET=0 RNN_TRITON_STRICT=1
+if ! nvidia-smi > /dev/null 2>&1; then
+  echo "no GPU: dry run through the interpreter (checks this script, not the GPU)"
+  export TRITON_INTERPRET=1
+fi
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  | tee "$OUT/env.txt"
+
+TRITON_INTERPRET=0 python -m rnn_triton.compile_check --probe > "$OUT/compile.txt" 2>&1
+echo "compile check: exit $? ($(tail -n 1 "$OUT/compile.txt"))"
+
+timeout 240 python -m pytest -q -x -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
+echo "tests (compiled, GPU): exit $? ($(tail -n 1 "$OUT/tests.log"))"
+
+preset=default; [ "$TRITON_INTERPRET" = 1 ] && preset=tiny
+timeout 200 python bench/lstm_check.py --preset $preset --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench: exit $?"
+tail -n 14 "$OUT/REPORT.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"

@@ -1,0 +1,83 @@
+"""Shared checks: run a module of ours and its torch.nn twin in float64 on the same data, compare all."""
+import pytest
+import torch
+
+from rnn_triton import runtime
+
+#: Where our modules run: the GPU in compiled mode (the GPU check script), else the CPU interpreter.
+#: The float64 torch.nn reference always runs on the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not runtime.interpreting() else "cpu")
+
+#: float64 goes through the kernels only in the interpreter (gradcheck and exact-math tests).
+interpreter_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="float64 kernels run only in the interpreter")
+
+#: Relative error bounds, ||ours - torch_fp64|| / ||torch_fp64|| per tensor, by storage dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.cpu().double(), ref.cpu().double()
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def twin(ours: torch.nn.Module, ref_cls) -> torch.nn.Module:
+    """The torch.nn module with our module's constructor arguments and weights, in float64."""
+    ref = ref_cls(ours.input_size, ours.hidden_size, num_layers=ours.num_layers, bias=ours.bias,
+                  batch_first=ours.batch_first, dropout=ours.dropout,
+                  bidirectional=ours.bidirectional, **_extra_args(ours)).double()
+    ref.load_state_dict({k: v.cpu().double() for k, v in ours.state_dict().items()})
+    return ref
+
+
+def _extra_args(module):
+    if isinstance(module, torch.nn.LSTM):
+        return {"proj_size": module.proj_size}
+    if isinstance(module, torch.nn.RNN):
+        return {"nonlinearity": module.nonlinearity}
+    return {}
+
+
+def compare_with_torch(ours: torch.nn.Module, ref_cls, x: torch.Tensor, hx, seed: int,
+                       expect_kernels: bool = True):
+    """Forward and backward through ``ours`` (in its dtype) and its float64 torch.nn twin, with random
+    output gradients; assert every output and every gradient (input, states, parameters) agree.
+
+    ``x`` and ``hx`` are float64; ours gets them cast to its dtype, torch the cast values back in
+    float64, so both see exactly the same numbers.
+    """
+    dtype = next(ours.parameters()).dtype
+    ref = twin(ours, ref_cls)
+    is_lstm = isinstance(ours, torch.nn.LSTM)
+    states = [] if hx is None else (list(hx) if is_lstm else [hx])
+    ours.to(DEVICE)
+    ours_in = [t.to(DEVICE, dtype).detach().requires_grad_() for t in [x] + states]
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours_in]
+
+    def call(module, inputs):
+        hx_arg = None if hx is None else (tuple(inputs[1:]) if is_lstm else inputs[1])
+        y, h = module(inputs[0], hx_arg)
+        return [y] + (list(h) if is_lstm else [h])
+
+    before = dict(runtime.launches)
+    outs = call(ours, ours_in)
+    refs = call(ref, ref_in)
+    grads = [torch.randn_like(r) for r in refs]
+    sum((o.cpu().double() * g).sum() for o, g in zip(outs, grads)).backward()
+    sum((r * g).sum() for r, g in zip(refs, grads)).backward()
+
+    tol = TOLERANCE[dtype]
+    msg = f"(seed {seed}, dtype {dtype})"
+    for name, o, r in zip(["output", "h_n", "c_n"], outs, refs):
+        assert o.dtype == dtype and o.shape == r.shape, f"{name}: {o.dtype} {o.shape} vs {r.shape}"
+        assert rel_err(o, r) < tol, f"{name} rel err {rel_err(o, r):.2e} {msg}"
+    for i, (a, b) in enumerate(zip(ours_in, ref_in)):
+        assert a.grad is not None and a.grad.dtype == dtype, f"input {i} gradient missing"
+        assert rel_err(a.grad, b.grad) < tol, f"grad of input {i}: {rel_err(a.grad, b.grad):.2e} {msg}"
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad is not None, f"{name} has no gradient"
+        assert rel_err(p.grad, q.grad) < tol, f"grad of {name}: {rel_err(p.grad, q.grad):.2e} {msg}"
+        p.grad = None
+    if expect_kernels:
+        assert runtime.launches["persistent_fwd"] > before.get("persistent_fwd", 0), "no forward kernel ran"
+        assert runtime.launches["persistent_bwd"] > before.get("persistent_bwd", 0), "no backward kernel ran"
+    return outs

@@ -1,0 +1,64 @@
+"""The dispatcher's choices, and the sm_90 compile check behind its limits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnn_triton import dispatch
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("H,block_h", [(1, 16), (16, 16), (17, 32), (48, 64), (64, 64), (128, 128)])
+def test_hidden_size_pads_to_a_power_of_two(H, block_h):
+    plan = dispatch.choose("LSTM", H, torch.bfloat16, CUDA)
+    assert plan.config.block_h == block_h and plan.config.variant == "tile-persistent"
+
+
+def test_limits_per_dtype():
+    assert dispatch.choose("LSTM", 128, torch.float16, CUDA).uses_triton
+    assert not dispatch.choose("LSTM", 120, torch.float16, CUDA).uses_triton  # not a multiple of 16
+    assert not dispatch.choose("LSTM", 129, torch.bfloat16, CUDA).uses_triton
+    assert dispatch.choose("LSTM", 64, torch.float32, CUDA).uses_triton
+    assert not dispatch.choose("LSTM", 40, torch.float32, CUDA).uses_triton
+    assert not dispatch.choose("LSTM", 128, torch.float32, CUDA).uses_triton
+    assert "limit" in dispatch.choose("LSTM", 128, torch.float32, CUDA).reason
+
+
+def test_device_and_dtype_rules(monkeypatch):
+    assert not dispatch.choose("LSTM", 16, torch.float64, CUDA).uses_triton or \
+        os.environ.get("TRITON_INTERPRET") == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in dispatch.choose("LSTM", 16, torch.float32, torch.device("cpu")).reason
+    assert "float64" in dispatch.choose("LSTM", 16, torch.float64, CUDA).reason
+    assert "dtype" in dispatch.choose("LSTM", 16, torch.int32, CUDA).reason
+
+
+def _compile_check(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "rnn_triton.compile_check", *args], env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tmp_path):
+    """The compile check passes for all the dispatcher's configurations (no spills, shared memory
+    within 227 KB), and what lies just past each declared limit fails it: the limits are measured."""
+    out = tmp_path / "sm90.json"
+    proc = _compile_check("--probe", "--json", str(out))
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    for (cell, dtype), table in dispatch.TILE_CONFIGS.items():
+        name = str(dtype).replace("torch.", "")
+        mine = [r for r in results if r["cell"] == cell and r["dtype"] == name]
+        top = max(table)
+        chosen = [r for r in mine if r["block_h"] in table and (r["aligned"] or table[r["block_h"]][1])]
+        assert chosen and all(r["ok"] and r["spill_bytes"] == 0 for r in chosen)
+        beyond = [r for r in mine if r["block_h"] == 2 * top]
+        assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * top} fits too"
+        if not table[top][1]:
+            unaligned = [r for r in mine if r["block_h"] == top and not r["aligned"]]
+            assert unaligned and not all(r["ok"] for r in unaligned), f"{cell} {name}: any H fits"
