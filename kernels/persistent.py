@@ -37,12 +37,10 @@ def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATE
                      DOT_DTYPE: tl.constexpr):
     """The NUM_GATES [H, H] blocks W_k of W_hh [NUM_GATES*H, H], as W_k or (TRANSPOSE) W_k^T.
 
+    Always read row-major (contiguous, vectorised loads); the transpose is a view for the dot.
     Slots beyond NUM_GATES repeat slot 0 and are never used.
     """
-    if TRANSPOSE:  # tile[j, n] = W[k*H + n, j]: tile @ dgate^T gives dLoss/dh^T
-        offs = offs_h[None, :] * H + offs_h[:, None]
-    else:          # tile[n, j] = W[k*H + n, j]: tile @ h^T gives the gates' pre-activations^T
-        offs = offs_h[:, None] * H + offs_h[None, :]
+    offs = offs_h[:, None] * H + offs_h[None, :]  # tile[n, j] = W[k*H + n, j]
     mask = mask_h[:, None] & mask_h[None, :]
     w0 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(DOT_DTYPE)
     w1 = w0
@@ -53,7 +51,9 @@ def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATE
         w2 = tl.load(w_ptr + 2 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
     if NUM_GATES > 3:
         w3 = tl.load(w_ptr + 3 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
-    return w0, w1, w2, w3
+    if TRANSPOSE:  # W_k^T @ dgate^T gives dLoss/dh^T
+        return tl.trans(w0), tl.trans(w1), tl.trans(w2), tl.trans(w3)
+    return w0, w1, w2, w3  # W_k @ h^T gives the gates' pre-activations^T
 
 
 @triton.jit

@@ -15,9 +15,6 @@ from .ops import recurrent_layer
 class _TritonRecurrent:
     """The shared forward of LSTM, GRU and RNN; mixed in before the torch.nn class."""
 
-    def _cell_name(self) -> str:
-        raise NotImplementedError
-
     def _module_limit(self, input) -> str | None:
         """Why this module's configuration or this input cannot run on the kernels, or None."""
         if isinstance(input, PackedSequence):
@@ -40,7 +37,7 @@ class _TritonRecurrent:
         weight = self.weight_hh_l0
         if input.dtype != weight.dtype or input.device != weight.device:
             return dispatch.Plan(None, "input and weights differ in dtype or device")
-        return dispatch.choose(self._cell_name(), self.hidden_size, input.dtype, input.device)
+        return dispatch.choose(self.mode, self.hidden_size, input.dtype, input.device)
 
     def forward(self, input, hx=None):
         plan = self.kernel_plan(input)
@@ -49,16 +46,15 @@ class _TritonRecurrent:
                 raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
             return super().forward(input, hx)
 
-        is_lstm = self._cell_name() == "LSTM"
+        is_lstm = self.mode == "LSTM"
         batched = input.dim() == 3
+        if hx is not None:
+            _check_state_ranks(hx, batched, is_lstm)
         if not batched:
             input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
         if hx is not None:
-            if is_lstm and batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
-                raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             # torch.nn's own shape, dtype and device checks, with its messages and exception types.
             self.check_forward_args(input, hx, None)
 
@@ -66,7 +62,7 @@ class _TritonRecurrent:
         if hx is not None:
             h0, c0 = (hx[0][0], hx[1][0]) if is_lstm else (hx[0], None)
         y, hn, cn = recurrent_layer(
-            self._cell_name(), input, self.weight_ih_l0, self.weight_hh_l0,
+            self.mode, input, self.weight_ih_l0, self.weight_hh_l0,
             self.bias_ih_l0 if self.bias else None, self.bias_hh_l0 if self.bias else None,
             h0, c0, plan.config, self.batch_first)
         hn = hn.unsqueeze(0)
@@ -79,8 +75,25 @@ class _TritonRecurrent:
         return y, hn
 
 
+def _check_state_ranks(hx, batched: bool, is_lstm: bool):
+    """The rank checks torch.nn's forward makes before check_forward_args, with its messages."""
+    want = 3 if batched else 2
+    kind = "batched 3-D" if batched else "unbatched 2-D"
+    if is_lstm:
+        if hx[0].dim() != want or hx[1].dim() != want:
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+    elif hx.dim() != want:
+        raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+
+
 class LSTM(_TritonRecurrent, nn.LSTM):
     """``torch.nn.LSTM`` whose forward runs one persistent Triton kernel per layer (see README)."""
 
-    def _cell_name(self) -> str:
-        return "LSTM"
+
+class GRU(_TritonRecurrent, nn.GRU):
+    """``torch.nn.GRU`` whose forward runs one persistent Triton kernel per layer (see README)."""
+
+
+class RNN(_TritonRecurrent, nn.RNN):
+    """``torch.nn.RNN`` (tanh or relu) whose forward runs one persistent Triton kernel per layer."""

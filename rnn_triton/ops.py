@@ -73,7 +73,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     grid = (triton_cdiv(B, block_b),)
     persistent_fwd_kernel[grid](
         xp_tm, xp_tm.stride(0), xp_tm.stride(1),
-        w_hh.contiguous(), b_hn if b_hn is not None else w_hh,
+        w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
         h0.contiguous() if has_h0 else hn, c0.contiguous() if c0 is not None else hn,
         y_tm, y_tm.stride(0), y_tm.stride(1),
         hn, cn, saved, cs,

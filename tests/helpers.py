@@ -1,4 +1,6 @@
 """Shared checks: run a module of ours and its torch.nn twin in float64 on the same data, compare all."""
+import copy
+
 import pytest
 import torch
 
@@ -12,7 +14,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not runtime.interp
 interpreter_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="float64 kernels run only in the interpreter")
 
 #: Relative error bounds, ||ours - torch_fp64|| / ||torch_fp64|| per tensor, by storage dtype.
+#: In float16/bfloat16 a tensor may also be off by up to twice torch.nn's own error in that dtype:
+#: through a long ReLU chain even torch's bfloat16 input gradient is 2-4e-2 off float64.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+HALF_TYPES = (torch.float16, torch.bfloat16)
+#: Gradient bound of ReLU cells in float16/bfloat16. ReLU's derivative jumps at 0: a pre-activation
+#: within rounding of 0 takes the other side and a whole gradient entry flips. A handful of flips in a
+#: few thousand entries puts 1e-2 to 5e-2 on the gradients, of torch.nn's half-precision RNN as of ours.
+RELU_HALF_GRAD_TOLERANCE = 0.1
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -64,20 +73,38 @@ def compare_with_torch(ours: torch.nn.Module, ref_cls, x: torch.Tensor, hx, seed
     grads = [torch.randn_like(r) for r in refs]
     sum((o.cpu().double() * g).sum() for o, g in zip(outs, grads)).backward()
     sum((r * g).sum() for r, g in zip(refs, grads)).backward()
+    ours_grads = [t.grad for t in ours_in] + [p.grad for p in ours.parameters()]
+    ref_grads = [t.grad for t in ref_in] + [p.grad for p in ref.parameters()]
+    names = ["output", "h_n", "c_n"][: len(outs)] + [f"grad of input {i}" for i in range(len(ours_in))] \
+        + [f"grad of {n}" for n, _ in ours.named_parameters()]
+    bounds = [TOLERANCE[dtype]] * len(names)
+    if dtype in HALF_TYPES:
+        torch_errs = _torch_errors_in(dtype, ref, ref_in, call, grads, refs + ref_grads)
+        bounds = [max(b, 2 * e) for b, e in zip(bounds, torch_errs)]
+        if getattr(ours, "mode", "") == "RNN_RELU":
+            bounds = bounds[: len(outs)] + [max(b, RELU_HALF_GRAD_TOLERANCE) for b in bounds[len(outs):]]
 
-    tol = TOLERANCE[dtype]
-    msg = f"(seed {seed}, dtype {dtype})"
-    for name, o, r in zip(["output", "h_n", "c_n"], outs, refs):
+    for name, o, r in zip(names, outs, refs):
         assert o.dtype == dtype and o.shape == r.shape, f"{name}: {o.dtype} {o.shape} vs {r.shape}"
-        assert rel_err(o, r) < tol, f"{name} rel err {rel_err(o, r):.2e} {msg}"
-    for i, (a, b) in enumerate(zip(ours_in, ref_in)):
-        assert a.grad is not None and a.grad.dtype == dtype, f"input {i} gradient missing"
-        assert rel_err(a.grad, b.grad) < tol, f"grad of input {i}: {rel_err(a.grad, b.grad):.2e} {msg}"
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        assert p.grad is not None, f"{name} has no gradient"
-        assert rel_err(p.grad, q.grad) < tol, f"grad of {name}: {rel_err(p.grad, q.grad):.2e} {msg}"
+    for name, o, r, bound in zip(names, outs + ours_grads, refs + ref_grads, bounds):
+        assert o is not None and o.dtype == dtype, f"{name} missing or not {dtype}"
+        err = rel_err(o, r)
+        assert err < bound, f"{name}: rel err {err:.2e} >= {bound:.1e} (seed {seed}, dtype {dtype})"
+    for p in ours.parameters():
         p.grad = None
     if expect_kernels:
         assert runtime.launches["persistent_fwd"] > before.get("persistent_fwd", 0), "no forward kernel ran"
         assert runtime.launches["persistent_bwd"] > before.get("persistent_bwd", 0), "no backward kernel ran"
     return outs
+
+
+def _torch_errors_in(dtype, ref, ref_in, call, grads, exact):
+    """torch.nn's own relative errors when it runs the same computation in ``dtype`` on the CPU."""
+    low = copy.deepcopy(ref)
+    low.zero_grad(set_to_none=True)
+    low.to(dtype)
+    inputs = [t.detach().to(dtype).requires_grad_() for t in ref_in]
+    outs = call(low, inputs)
+    sum((o.double() * g).sum() for o, g in zip(outs, grads)).backward()
+    got = outs + [t.grad for t in inputs] + [p.grad for p in low.parameters()]
+    return [rel_err(a, b) for a, b in zip(got, exact)]

@@ -1,0 +1,170 @@
+"""rnn_triton.LSTM, GRU and RNN (tanh, relu) against torch.nn in float64: outputs, final states and
+every gradient, through the Triton kernels (strict mode; each test checks a kernel launched)."""
+import itertools
+
+import pytest
+import torch
+
+import rnn_triton
+from rnn_triton import dispatch, ops, runtime
+
+from helpers import DEVICE, compare_with_torch, interpreter_only
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = list(itertools.product([16, 48, 64, 128], [1, 3, 16, 17], [1, 2, 37]))  # H, B, T
+
+#: cell name (dispatch) -> (our module, torch.nn module, constructor extras)
+CELLS = {
+    "LSTM": (rnn_triton.LSTM, torch.nn.LSTM, {}),
+    "GRU": (rnn_triton.GRU, torch.nn.GRU, {}),
+    "RNN_TANH": (rnn_triton.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (rnn_triton.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+def _supported(cell, H, dtype):
+    return dispatch.choose(cell, H, dtype, DEVICE).uses_triton
+
+
+def _make(cell, I, H, **kwargs):
+    ours, _, extra = CELLS[cell]
+    return ours(I, H, **extra, **kwargs)
+
+
+def _case(cell, H, B, T, dtype, bias, batch_first, with_state, seed, I=None):
+    I = I or max(1, H // 3 + 1)
+    module = _make(cell, I, H, bias=bias, batch_first=batch_first).to(dtype)
+    x = torch.randn(B, T, I, dtype=torch.float64) if batch_first else torch.randn(T, B, I, dtype=torch.float64)
+    hx = None
+    if with_state:
+        hx = torch.randn(1, B, H, dtype=torch.float64)
+        hx = (hx, torch.randn(1, B, H, dtype=torch.float64)) if cell == "LSTM" else hx
+    compare_with_torch(module, CELLS[cell][1], x, hx, seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("H,B,T", SIZES)
+def test_sizes(cell, H, B, T, seed):
+    """Every (H, B, T) of the grid, in the widest dtype the kernel takes at that H; bias, batch_first
+    and initial state cycle through their values across the grid."""
+    dtype = torch.float32 if _supported(cell, H, torch.float32) else torch.bfloat16
+    i = SIZES.index((H, B, T))
+    _case(cell, H, B, T, dtype, bias=i % 2 == 0, batch_first=(i // 2) % 2 == 0,
+          with_state=(i // 4) % 2 == 0, seed=seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias,batch_first,with_state", list(itertools.product([True, False], repeat=3)))
+def test_flags(cell, dtype, bias, batch_first, with_state, seed):
+    """Every combination of bias, batch_first and initial state in every dtype."""
+    _case(cell, 48, 17, 37, dtype, bias, batch_first, with_state, seed)
+
+
+@pytest.mark.parametrize("cell,dtype,H", [(c, d, h) for c in CELLS for d in DTYPES for h in [16, 48, 64, 128]
+                                          if _supported(c, h, d)], ids=str)
+def test_dtypes_per_hidden_size(cell, dtype, H, seed):
+    """Every hidden size of the grid in every dtype whose kernel takes it (float32 stops at 64:
+    test_unsupported_size_* covers what happens beyond)."""
+    _case(cell, H, 3, 37, dtype, True, False, True, seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unsupported_size_raises_in_strict_mode(cell):
+    module = _make(cell, 8, 128).to(DEVICE)  # float32 H=128 does not fit on chip (compile check)
+    with pytest.raises(NotImplementedError, match="hidden_size=128"):
+        module(torch.randn(5, 2, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unsupported_size_falls_back_to_torch(cell, monkeypatch, seed):
+    monkeypatch.setenv("RNN_TRITON_STRICT", "0")
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    before = runtime.launches["persistent_fwd"]
+    compare_with_torch(_make(cell, 8, 128), CELLS[cell][1], x, None, seed, expect_kernels=False)
+    assert runtime.launches["persistent_fwd"] == before
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"num_layers": 2}, "num_layers"),
+    ({"bidirectional": True}, "bidirectional"),
+])
+def test_unsupported_options_raise_in_strict_mode(cell, kwargs, reason):
+    module = _make(cell, 8, 16, **kwargs).to(DEVICE)
+    with pytest.raises(NotImplementedError, match=reason):
+        module(torch.randn(5, 2, 8, device=DEVICE))
+
+
+def test_lstm_projection_raises_in_strict_mode():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        rnn_triton.LSTM(8, 16, proj_size=4).to(DEVICE)(torch.randn(5, 2, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_sequence_raises_in_strict_mode(cell):
+    module = _make(cell, 8, 16).to(DEVICE)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 8, device=DEVICE), [5, 3])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        module(packed)
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("with_state", [True, False])
+def test_gradcheck_float64(cell, with_state):
+    """torch.autograd.gradcheck through the kernels (the interpreter runs them in float64)."""
+    T, B, I, H = 3, 2, 3, 16
+    G = dispatch.CELLS[cell].num_gates
+    config = dispatch.choose(cell, H, torch.float64, torch.device("cpu")).config
+    shapes = [(T, B, I), (G * H, I), (G * H, H), (G * H,), (G * H,)]
+    if with_state:
+        shapes += [(B, H), (B, H)] if cell == "LSTM" else [(B, H)]
+    args = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    def layer(x, w_ih, w_hh, b_ih, b_hh, h0=None, c0=None):
+        y, hn, cn = ops.recurrent_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, config, False)
+        return (y, hn) if cn is None else (y, hn, cn)
+
+    assert torch.autograd.gradcheck(layer, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_input(cell, seed):
+    x = torch.randn(7, 5, dtype=torch.float64)
+    hx = torch.randn(1, 16, dtype=torch.float64)
+    hx = (hx, torch.randn(1, 16, dtype=torch.float64)) if cell == "LSTM" else hx
+    compare_with_torch(_make(cell, 5, 16), CELLS[cell][1], x, hx, seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_is_its_torch_class_with_the_same_state_dict(cell):
+    ours, ref_cls, extra = CELLS[cell]
+    ours, ref = ours(6, 16, bias=False, **extra), ref_cls(6, 16, bias=False, **extra)
+    assert isinstance(ours, ref_cls)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+           {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+
+
+def test_no_grad_saves_nothing_for_backward():
+    lstm = rnn_triton.LSTM(4, 16).to(DEVICE)
+    x = torch.randn(9, 3, 4, device=DEVICE)
+    config = lstm.kernel_plan(x).config
+    with torch.no_grad():
+        xp = torch.randn(9, 3, 64, device=DEVICE)
+        _, _, _, saved, cs = ops.recurrent_fwd(xp, lstm.weight_hh_l0, None, None, None,
+                                               0, False, False, False, config.block_b, config.block_h,
+                                               config.num_warps)
+        y, _ = lstm(x)
+    assert saved.numel() == 0 and cs.numel() == 0
+    assert y.grad_fn is None
+
+
+def test_kernel_plan_says_what_runs():
+    lstm = rnn_triton.LSTM(4, 48)
+    plan = lstm.kernel_plan(torch.randn(3, 2, 4))
+    assert plan.uses_triton and plan.config.variant == "tile-persistent" and plan.config.block_h == 64
+    plan = rnn_triton.LSTM(4, 48, num_layers=2).kernel_plan(torch.randn(3, 2, 4))
+    assert not plan.uses_triton and "num_layers" in plan.reason
