@@ -111,6 +111,8 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     Returns dxp (layout of y), dW_hh, db_hn (GRU; else empty), dh0, dc0 (LSTM; else empty).
     """
     cell = _CELL_BY_ID[cell_id]
+    if dy.stride(-1) != 1:  # the kernel reads hidden units at unit stride (dy may be an expanded scalar)
+        dy = dy.contiguous()
     y_tm = _time_major(y, batch_first)
     dy_tm = _time_major(dy, batch_first)
     T, B, H = y_tm.shape

@@ -168,3 +168,16 @@ def test_kernel_plan_says_what_runs():
     assert plan.uses_triton and plan.config.variant == "tile-persistent" and plan.config.block_h == 64
     plan = rnn_triton.LSTM(4, 48, num_layers=2).kernel_plan(torch.randn(3, 2, 4))
     assert not plan.uses_triton and "num_layers" in plan.reason
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradient_of_a_plain_sum(cell):
+    """loss = y.sum() hands backward an expanded (stride 0) gradient: it must be read as such."""
+    ours = _make(cell, 5, 16).to(DEVICE)
+    ref = CELLS[cell][1](5, 16, **CELLS[cell][2]).double()
+    ref.load_state_dict({k: v.cpu().double() for k, v in ours.state_dict().items()})
+    x = torch.randn(6, 3, 5)
+    ours(x.to(DEVICE))[0].sum().backward()
+    ref(x.double())[0].sum().backward()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert ((p.grad.cpu().double() - q.grad).norm() / q.grad.norm()) < 1e-4

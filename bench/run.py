@@ -1,12 +1,13 @@
-"""The main job, for now: check rnn_triton.LSTM against torch.nn.LSTM, then time both.
+"""The main job: check rnn_triton's LSTM, GRU and RNN against torch.nn, then time both.
 
-    python bench/lstm_check.py                 # GPU: default sweep vs cuDNN; CPU: tiny interpreter run
-    python bench/lstm_check.py --preset tiny   # the smallest sweep (CI runs it)
+    python bench/run.py                  # GPU: default sweep vs cuDNN; CPU: small interpreter run
+    python bench/run.py --preset tiny    # the smallest sweep (CI runs it)
+    python bench/run.py --cells LSTM GRU
 
-On a GPU: bf16, B=16, T=1024, H from 64 to the kernel's limit, forward and forward+backward, timed
-with triton.testing.do_bench (median, p20, p80) against torch.nn.LSTM (cuDNN). Without a GPU the
-kernels run through Triton's interpreter on the CPU: the correctness check is real, the timings are
-not (the interpreter is orders of magnitude slower than any GPU and says nothing about one).
+On a GPU: bf16, B=16, T=1024, H from 64 up to each cell's limit, forward and forward+backward, timed
+with triton.testing.do_bench (median, p20, p80) against torch.nn (cuDNN). Without a GPU the kernels
+run through Triton's interpreter on the CPU: the correctness check is real, the timings are not (the
+interpreter is orders of magnitude slower than any GPU and says nothing about one).
 
 Writes one JSON line per measurement to <out>/results.jsonl and a table to <out>/REPORT.md.
 """
@@ -32,10 +33,18 @@ import rnn_triton  # noqa: E402
 from rnn_triton import dispatch  # noqa: E402
 
 PRESETS = {
-    # name: (dtype, B, T, input size, hidden sizes)
+    # name: (dtype, B, T, input size, hidden sizes); a cell skips the sizes beyond its kernel's limit
     "tiny": ("float32", 4, 8, 16, [16, 32]),
-    "cpu": ("float32", 8, 32, 32, [16, 48, 64]),
-    "default": ("bfloat16", 16, 1024, 64, [64, 96, 128]),
+    "cpu": ("float32", 8, 32, 32, [16, 64]),
+    "default": ("bfloat16", 16, 1024, 64, [64, 128, 256]),
+}
+
+#: cell -> (ours, torch.nn class, constructor extras)
+MODULES = {
+    "LSTM": (rnn_triton.LSTM, torch.nn.LSTM, {}),
+    "GRU": (rnn_triton.GRU, torch.nn.GRU, {}),
+    "RNN_TANH": (rnn_triton.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (rnn_triton.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
 }
 
 
@@ -61,17 +70,17 @@ def _time_ms(fn, reps: int):
     return statistics.median(samples), q[0], q[-1]
 
 
-def check_and_time(dtype, B, T, I, H, reps):
+def check_and_time(cell, dtype, B, T, I, H, reps):
     device = torch.device("cuda" if ON_GPU else "cpu")
-    ours = rnn_triton.LSTM(I, H).to(device, dtype)
-    ref = torch.nn.LSTM(I, H).to(device, dtype)
+    ours_cls, ref_cls, extra = MODULES[cell]
+    ours = ours_cls(I, H, **extra).to(device, dtype)
+    ref = ref_cls(I, H, **extra).to(device, dtype)
     ref.load_state_dict(ours.state_dict())
-    exact = torch.nn.LSTM(I, H).double()
+    exact = ref_cls(I, H, **extra).double()
     exact.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
     x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=True)
     plan = ours.kernel_plan(x)
-    if not plan.uses_triton:
-        raise SystemExit(f"H={H} {dtype}: no kernel serves it ({plan.reason})")
+    assert plan.uses_triton, plan.reason
 
     # Correctness first, against torch.nn in float64: a wrong kernel never posts a time.
     y, _ = ours(x)
@@ -80,7 +89,8 @@ def check_and_time(dtype, B, T, I, H, reps):
     err = ((y.double().cpu() - y_exact).norm() / y_exact.norm()).item()
     err_torch = ((y_torch.double().cpu() - y_exact).norm() / y_exact.norm()).item()
     if err > max(4 * err_torch, 1e-5):
-        raise SystemExit(f"H={H}: rnn_triton's output is off (rel err {err:.2e}, torch.nn's {err_torch:.2e})")
+        raise SystemExit(f"{cell} H={H}: rnn_triton's output is off (rel err {err:.2e}, "
+                         f"torch.nn's {err_torch:.2e})")
 
     dy = torch.randn_like(y)
     rows = []
@@ -97,7 +107,7 @@ def check_and_time(dtype, B, T, I, H, reps):
             p50, p20, p80 = _time_ms(fn, reps)
             rows.append(dict(provider=provider, mode=mode, ms=p50, p20=p20, p80=p80,
                              us_per_step=p50 * 1e3 / T, rel_err_vs_fp64=err if provider == "rnn_triton"
-                             else err_torch, config=dict(cell="LSTM", dtype=str(dtype).replace("torch.", ""),
+                             else err_torch, config=dict(cell=cell, dtype=str(dtype).replace("torch.", ""),
                                                          B=B, T=T, I=I, H=H, kernel=plan.config.variant,
                                                          block_h=plan.config.block_h,
                                                          num_warps=plan.config.num_warps)))
@@ -108,6 +118,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="default" if ON_GPU else "cpu")
     parser.add_argument("--out", default=None, help="output folder (default reports/<gpu or cpu>)")
+    parser.add_argument("--cells", nargs="+", choices=MODULES, default=list(MODULES))
     parser.add_argument("--reps", type=int, default=200, help="do_bench time budget in ms (GPU)")
     args = parser.parse_args(argv)
     dtype_name, B, T, I, hidden = PRESETS[args.preset]
@@ -119,12 +130,17 @@ def main(argv=None):
                commit=_commit(), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     rows = []
-    for H in hidden:
-        H_rows = check_and_time(dtype, B, T, I, H, args.reps)
-        for r in H_rows:
-            print(f"H={H:5d} {r['provider']:11s} {r['mode']:17s} {r['ms']:10.3f} ms  ({r['us_per_step']:.2f} us/step)",
-                  flush=True)
-        rows += H_rows
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    for cell in args.cells:
+        for H in hidden:
+            if not dispatch.choose(cell, H, dtype, device).uses_triton:
+                print(f"{cell} H={H}: skipped, {dispatch.choose(cell, H, dtype, device).reason}")
+                continue
+            new = check_and_time(cell, dtype, B, T, I, H, args.reps)
+            for r in new:
+                print(f"{cell:8s} H={H:5d} {r['provider']:11s} {r['mode']:17s} {r['ms']:10.3f} ms "
+                      f"({r['us_per_step']:.2f} us/step)", flush=True)
+            rows += new
     with open(os.path.join(out, "results.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps(env | r) + "\n")
@@ -136,21 +152,22 @@ def main(argv=None):
 
 
 def _report(rows, env, preset):
-    lines = [f"# LSTM: rnn_triton vs torch.nn ({env['gpu']})", ""]
+    lines = [f"# rnn_triton vs torch.nn ({env['gpu']})", ""]
     if not ON_GPU:
         lines += ["**CPU interpreter — timings not meaningful.** The kernels ran through Triton's "
                   "interpreter; torch.nn ran its CPU implementation. Only the correctness column says "
                   "something here.", ""]
     lines += [f"preset `{preset}`; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
               f"{env['timestamp']}", "",
-              "| H | mode | rnn_triton ms | torch.nn ms | speedup | rnn_triton us/step | rel err vs fp64 (ours / torch.nn) |",
-              "|---|---|---|---|---|---|---|"]
-    by_key = {(r["config"]["H"], r["mode"], r["provider"]): r for r in rows}
-    for (H, mode, provider), r in by_key.items():
+              "| cell | H | mode | rnn_triton ms | torch.nn ms | speedup | rnn_triton us/step "
+              "| rel err vs fp64 (ours / torch.nn) |",
+              "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["config"]["cell"], r["config"]["H"], r["mode"], r["provider"]): r for r in rows}
+    for (cell, H, mode, provider), r in by_key.items():
         if provider != "rnn_triton":
             continue
-        t = by_key[(H, mode, "torch.nn")]
-        lines.append(f"| {H} | {mode} | {r['ms']:.3f} | {t['ms']:.3f} | {t['ms'] / r['ms']:.2f}x "
+        t = by_key[(cell, H, mode, "torch.nn")]
+        lines.append(f"| {cell} | {H} | {mode} | {r['ms']:.3f} | {t['ms']:.3f} | {t['ms'] / r['ms']:.2f}x "
                      f"| {r['us_per_step']:.2f} | {r['rel_err_vs_fp64']:.1e} / {t['rel_err_vs_fp64']:.1e} |")
     c = rows[0]["config"]
     lines += ["", f"dtype {c['dtype']}, B={c['B']}, T={c['T']}, input size {c['I']}; "
