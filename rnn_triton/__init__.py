@@ -1,5 +1,12 @@
 """rnn_triton: torch.nn recurrent layers as persistent Triton kernels."""
+import torch._dynamo
+
 from .dispatch import Plan, KernelConfig
 from .modules import GRU, LSTM, RNN
 
 __all__ = ["LSTM", "GRU", "RNN", "Plan", "KernelConfig"]
+
+# Dynamo refuses any instance of torch.nn.RNN/GRU/LSTM (ours subclass them) unless this is set; our
+# forward is a custom op Dynamo traces whole. It also lets Dynamo try torch.nn's own RNN modules
+# (experimental upstream) instead of refusing them: said in the README.
+torch._dynamo.config.allow_rnn = True

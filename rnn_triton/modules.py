@@ -4,6 +4,8 @@ Each class subclasses its torch.nn counterpart: same constructor, parameters, st
 input checks. ``forward`` asks ``dispatch`` for a plan; when no kernel serves the call it runs
 torch.nn's own forward, or raises ``NotImplementedError`` with the reason under RNN_TRITON_STRICT=1.
 """
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -25,21 +27,42 @@ class _TritonRecurrent:
             return "bidirectional=True is not supported yet"
         if getattr(self, "proj_size", 0) > 0:
             return "proj_size > 0 is not supported yet"
-        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-            return "input is not a 2-D or 3-D tensor"  # torch.nn's forward raises the right error
         return None
+
+    def _autocast_dtype(self, input):
+        """The dtype autocast makes torch.nn's module compute in for ``input``, or None.
+
+        On CUDA autocast casts every cell (cuDNN's RNN is on its lower-precision list); on the CPU
+        it casts LSTM and RNN but not GRU, and so do we.
+        """
+        device = input.device.type
+        if not (input.is_floating_point() and torch.is_autocast_enabled(device)):
+            return None
+        if device == "cpu" and self.mode == "GRU":
+            return None
+        return torch.get_autocast_dtype(device)
+
+    def _invalid_input(self, input) -> bool:
+        """Input torch.nn's forward rejects: it raises the right error, so let it."""
+        if not isinstance(input, torch.Tensor):
+            return False
+        weight = self.weight_hh_l0
+        return input.dim() not in (2, 3) or input.device != weight.device or (
+            input.dtype != weight.dtype and self._autocast_dtype(input) is None)
 
     def kernel_plan(self, input) -> dispatch.Plan:
         """The kernel this module would run for ``input``, or the reason it would fall back to torch."""
         reason = self._module_limit(input)
+        if reason is None and self._invalid_input(input):
+            reason = "input does not match the module (rank, dtype or device): torch.nn raises"
         if reason is not None:
             return dispatch.Plan(None, reason)
-        weight = self.weight_hh_l0
-        if input.dtype != weight.dtype or input.device != weight.device:
-            return dispatch.Plan(None, "input and weights differ in dtype or device")
-        return dispatch.choose(self.mode, self.hidden_size, input.dtype, input.device)
+        dtype = self._autocast_dtype(input) or input.dtype
+        return dispatch.choose(self.mode, self.hidden_size, dtype, input.device)
 
     def forward(self, input, hx=None):
+        if self._invalid_input(input):
+            return super().forward(input, hx)
         plan = self.kernel_plan(input)
         if not plan.uses_triton:
             if runtime.strict():
@@ -61,10 +84,15 @@ class _TritonRecurrent:
         h0 = c0 = None
         if hx is not None:
             h0, c0 = (hx[0][0], hx[1][0]) if is_lstm else (hx[0], None)
-        y, hn, cn = recurrent_layer(
-            self.mode, input, self.weight_ih_l0, self.weight_hh_l0,
-            self.bias_ih_l0 if self.bias else None, self.bias_hh_l0 if self.bias else None,
-            h0, c0, plan.config, self.batch_first)
+        weights = [self.weight_ih_l0, self.weight_hh_l0,
+                   self.bias_ih_l0 if self.bias else None, self.bias_hh_l0 if self.bias else None]
+        cast = self._autocast_dtype(input)
+        if cast is not None:  # differentiable casts: the gradients come back in the parameters' dtype
+            input, h0, c0, *weights = (None if t is None else t.to(cast) for t in [input, h0, c0, *weights])
+        # Under autocast the casts are done: none inside. (No context otherwise: export keeps it.)
+        device = input.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            y, hn, cn = recurrent_layer(self.mode, input, *weights, h0, c0, plan.config, self.batch_first)
         hn = hn.unsqueeze(0)
         if not batched:
             y = y.squeeze(0 if self.batch_first else 1)

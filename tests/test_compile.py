@@ -1,0 +1,143 @@
+"""torch.compile without graph breaks, torch.library opcheck, autocast, export, CUDA graphs."""
+import copy
+
+import pytest
+import torch
+
+import rnn_triton
+from rnn_triton import dispatch, ops, runtime
+
+from helpers import DEVICE, rel_err
+
+
+class TwoLayer(torch.nn.Module):
+    """Two rnn_triton.LSTM layers and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lower = rnn_triton.LSTM(6, 16, batch_first=True)
+        self.upper = rnn_triton.LSTM(16, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        y, _ = self.lower(x)
+        y, (h, _) = self.upper(y)
+        return self.head(y[:, -1] + h[0])
+
+
+def _train(model, steps, data):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for x, target in data[:steps]:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_matches_eager(backend):
+    """fullgraph=True: any graph break is an error. Three SGD steps compiled vs eager, same results."""
+    torch._dynamo.reset()
+    eager = TwoLayer().to(DEVICE)
+    compiled_model = copy.deepcopy(eager)
+    data = [(torch.randn(4, 9, 6, device=DEVICE), torch.randint(0, 3, (4,), device=DEVICE)) for _ in range(3)]
+    before = runtime.launches["persistent_fwd"]
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    got = _train(compiled, 3, data)
+    assert runtime.launches["persistent_fwd"] > before, "the compiled model did not run our kernels"
+    want = _train(eager, 3, data)
+    assert rel_err(got, want) < 1e-5
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        assert rel_err(p, q) < 1e-5, name
+
+
+def _fwd_args(cell, with_grad):
+    spec = dispatch.CELLS[cell]
+    T, B, H = 5, 3, 16
+    config = dispatch.choose(cell, H, torch.float32, DEVICE).config
+    t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
+    return (t(T, B, spec.num_gates * H), t(spec.num_gates * H, H), t(H) if cell == "GRU" else None,
+            t(B, H), t(B, H) if cell == "LSTM" else None, spec.kernel_id, False, False, with_grad,
+            config.block_b, config.block_h, config.num_warps)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_opcheck_forward_op(cell):
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True))
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_opcheck_backward_op(cell):
+    args = _fwd_args(cell, False)
+    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, _, bb, bh, nw = args
+    y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, True,
+                                             bb, bh, nw)
+    torch.library.opcheck(ops.recurrent_bwd, (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(hn),
+                                              w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first,
+                                              bb, bh, nw))
+
+
+@pytest.mark.parametrize("cell,cls,ref_cls", [("LSTM", rnn_triton.LSTM, torch.nn.LSTM),
+                                               ("GRU", rnn_triton.GRU, torch.nn.GRU),
+                                               ("RNN_TANH", rnn_triton.RNN, torch.nn.RNN)])
+def test_autocast_matches_torch(cell, cls, ref_cls):
+    """Under bf16 autocast: the output and state dtypes torch.nn gives on this device, gradients in
+    the parameters' and input's dtypes, values close to torch.nn's under the same autocast."""
+    ours = cls(8, 16).to(DEVICE)
+    ref = ref_cls(8, 16).to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 8, device=DEVICE)
+    results = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y, h = module(xi)
+        states = list(h) if isinstance(h, tuple) else [h]
+        (y.float().sum() + sum(s.float().sum() for s in states)).backward()
+        results.append(([y] + states, [xi.grad] + [p.grad for p in module.parameters()]))
+    (outs, grads), (ref_outs, ref_grads) = results
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype and rel_err(o, r) < 3e-2
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and rel_err(g, r) < 5e-2
+
+
+def test_export_of_an_inference_model():
+    model = TwoLayer().to(DEVICE).eval()
+    x = torch.randn(2, 5, 6, device=DEVICE)
+    exported = torch.export.export(model, (x,))
+    assert any("rnn_triton" in str(node.target) for node in exported.graph.nodes)
+    with torch.no_grad():
+        assert rel_err(exported.module()(x), model(x)) < 1e-6
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU: run by bench/gpu_check.sh")
+def test_cuda_graph_capture_of_a_training_step():
+    model = TwoLayer().to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 9, 6, device=DEVICE)
+    target = torch.randint(0, 3, (4,), device=DEVICE)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: compile the kernels, allocate .grad
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    want = torch.nn.functional.cross_entropy(model(x), target)
+    assert rel_err(loss, want) < 1e-5
