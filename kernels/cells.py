@@ -61,7 +61,7 @@ def cell_forward(CELL: tl.constexpr, a0, a1, a2, a3, x_n, b_hn, h, c):
         h_new = _tanh(a0)
         return h_new, c, h_new, h_new, h_new, h_new
     else:
-        h_new = tl.maximum(a0, 0.0)
+        h_new = tl.maximum(a0, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN, as torch
         return h_new, c, h_new, h_new, h_new, h_new
 
 

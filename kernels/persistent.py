@@ -57,6 +57,19 @@ def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATE
 
 
 @triton.jit
+def row_offsets(offs_b, stride_b, offs_h):
+    """Offsets of the [BLOCK_H, BLOCK_B] tile within one step, b*stride_b + h, in 64 bits."""
+    return offs_b.to(tl.int64)[None, :] * tl.cast(stride_b, tl.int64) + offs_h[:, None]
+
+
+@triton.jit
+def step_offsets(t, stride_t, rows):
+    """``rows`` (from row_offsets) at step t: t*stride_t + rows, in 64 bits, since T*B*G*H passes
+    2^31 in long or wide runs. (tl.cast, not .to: Triton passes a size or stride of 1 as a constant.)"""
+    return tl.cast(t, tl.int64) * tl.cast(stride_t, tl.int64) + rows
+
+
+@triton.jit
 def _load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
     """NUM consecutive H-wide slots at ptr (a [BLOCK_H, BLOCK_B] pointer tile); unused slots repeat 0."""
     s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
@@ -101,15 +114,13 @@ def persistent_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     mask = mask_h[:, None] & (offs_b < B)[None, :]
-    offs_b64 = offs_b.to(tl.int64)[None, :]
-    offs_h = offs_h[:, None]  # from here on a column: tiles are [BLOCK_H, BLOCK_B]
-    state_offs = offs_b64 * H + offs_h
+    state_offs = row_offsets(offs_b, H, offs_h)
 
     w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, False, NUM_GATES,
                                       DOT_DTYPE)
     b_hn = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     if CELL == GRU:
-        b_hn += tl.load(b_hn_ptr + offs_h, mask=mask_h[:, None], other=0.0).to(ACC)
+        b_hn += tl.load(b_hn_ptr + offs_h[:, None], mask=mask_h[:, None], other=0.0).to(ACC)
     h = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     c = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     if HAS_H0:
@@ -117,15 +128,17 @@ def persistent_fwd_kernel(
         if CELL == LSTM:
             c = tl.load(c0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
 
-    xp_offs = offs_b64 * stride_xp_b + offs_h
-    y_offs = offs_b64 * stride_y_b + offs_h
-    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h
+    xp_rows = row_offsets(offs_b, stride_xp_b, offs_h)
+    y_rows = row_offsets(offs_b, stride_y_b, offs_h)
+    saved_rows = row_offsets(offs_b, NUM_SAVED * H, offs_h)
+    saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
+    state_stride_t = tl.cast(B, tl.int64) * H
     for s in range(T):
         t = s
         if REVERSE:
             t = T - 1 - s
-        t64 = t.to(tl.int64)
-        x0, x1, x2, x3 = _load_slots(xp_ptr + t64 * stride_xp_t + xp_offs, H, mask, NUM_GATES, ACC)
+        x0, x1, x2, x3 = _load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, mask, NUM_GATES,
+                                     ACC)
         hd = h.to(DOT_DTYPE)
         # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
         # live. GRU's n-slot keeps h @ W_n^T apart, since r multiplies it alone.
@@ -144,12 +157,12 @@ def persistent_fwd_kernel(
         h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, h, c)
         # Padded lanes must stay finite zeros: they are the K dimension of the next step's dot.
         h = tl.where(mask, h, 0.0)
-        tl.store(y_ptr + t64 * stride_y_t + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + step_offsets(t, stride_y_t, y_rows), h.to(y_ptr.dtype.element_ty), mask=mask)
         if SAVE:
-            _store_slots(saved_ptr + t64 * (B * NUM_SAVED * H) + saved_offs, H, mask, NUM_SAVED,
+            _store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask, NUM_SAVED,
                          s0, s1, s2, s3)
             if CELL == LSTM:
-                tl.store(cs_ptr + t64 * (B * H) + state_offs, c, mask=mask)
+                tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
 
     tl.store(hn_ptr + state_offs, h.to(hn_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:
@@ -178,9 +191,7 @@ def persistent_bwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     mask = mask_h[:, None] & (offs_b < B)[None, :]
-    offs_b64 = offs_b.to(tl.int64)[None, :]
-    offs_h = offs_h[:, None]  # from here on a column: tiles are [BLOCK_H, BLOCK_B]
-    state_offs = offs_b64 * H + offs_h
+    state_offs = row_offsets(offs_b, H, offs_h)
 
     w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, True, NUM_GATES,
                                       DOT_DTYPE)
@@ -195,10 +206,12 @@ def persistent_bwd_kernel(
         if HAS_H0:
             state0 = tl.load(h0_ptr + state_offs, mask=mask, other=0.0).to(ACC)
 
-    dy_offs = offs_b64 * stride_dy_b + offs_h
-    y_offs = offs_b64 * stride_y_b + offs_h
-    saved_offs = offs_b64 * (NUM_SAVED * H) + offs_h
-    dxp_offs = offs_b64 * stride_dxp_b + offs_h
+    dy_rows = row_offsets(offs_b, stride_dy_b, offs_h)
+    y_rows = row_offsets(offs_b, stride_y_b, offs_h)
+    saved_rows = row_offsets(offs_b, NUM_SAVED * H, offs_h)
+    dxp_rows = row_offsets(offs_b, stride_dxp_b, offs_h)
+    saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
+    state_stride_t = tl.cast(B, tl.int64) * H
     for s in range(T):
         t = T - 1 - s
         t_prev = t - 1  # the step before t in the forward's order
@@ -206,24 +219,24 @@ def persistent_bwd_kernel(
             t = s
             t_prev = t + 1
         has_prev = s < T - 1
-        t64 = t.to(tl.int64)
         # Clamped so the load stays in bounds; at the first step of the forward, state0 replaces it.
-        tp64 = tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64)
-        dh += tl.load(dy_ptr + t64 * stride_dy_t + dy_offs, mask=mask, other=0.0).to(ACC)
-        s0, s1, s2, s3 = _load_slots(saved_ptr + t64 * (B * NUM_SAVED * H) + saved_offs, H, mask,
+        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=mask, other=0.0).to(ACC)
+        s0, s1, s2, s3 = _load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask,
                                      NUM_SAVED, ACC)
         c_new = state0
         prev = state0
         if CELL == LSTM:
-            c_new = tl.load(cs_ptr + t64 * (B * H) + state_offs, mask=mask, other=0.0)
-            prev = tl.load(cs_ptr + tp64 * (B * H) + state_offs, mask=mask, other=0.0)
+            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=mask, other=0.0)
+            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=mask, other=0.0)
         if CELL == GRU:
-            prev = tl.load(y_ptr + tp64 * stride_y_t + y_offs, mask=mask, other=0.0).to(ACC)
+            prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=mask, other=0.0).to(ACC)
         prev = tl.where(has_prev, prev, state0)
         d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev, prev)
-        _store_slots(dxp_ptr + t64 * stride_dxp_t + dxp_offs, H, mask, NUM_GATES, d0, d1, d2, d3)
+        _store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, mask, NUM_GATES, d0, d1, d2, d3)
         if CELL == GRU:
-            tl.store(dqn_ptr + t64 * (B * H) + state_offs, dq2.to(dqn_ptr.dtype.element_ty), mask=mask)
+            tl.store(dqn_ptr + step_offsets(t, state_stride_t, state_offs), dq2.to(dqn_ptr.dtype.element_ty),
+                     mask=mask)
         dh = tl.dot(w0, d0.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if NUM_GATES > 1:
             dh += tl.dot(w1, d1.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)

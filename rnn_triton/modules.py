@@ -72,13 +72,18 @@ class _TritonRecurrent:
         is_lstm = self.mode == "LSTM"
         batched = input.dim() == 3
         if hx is not None:
+            _check_state_types(hx, is_lstm, input, self._autocast_dtype(input) is not None)
             _check_state_ranks(hx, batched, is_lstm)
         if not batched:
             input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
-        if hx is not None:
-            # torch.nn's own shape, dtype and device checks, with its messages and exception types.
+        if input.shape[0 if not self.batch_first else 1] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        # torch.nn's own shape checks, with its messages and exception types.
+        if hx is None:
+            self.check_input(input, None)
+        else:
             self.check_forward_args(input, hx, None)
 
         h0 = c0 = None
@@ -101,6 +106,22 @@ class _TritonRecurrent:
             cn = cn.unsqueeze(0)
             return y, (hn, cn if batched else cn.squeeze(1))
         return y, hn
+
+
+def _check_state_types(hx, is_lstm: bool, input, autocast: bool):
+    """hx's type, dtype and device, with the exception types torch.nn's forward raises for each."""
+    name = "LSTM" if is_lstm else "GRU and RNN"
+    if is_lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        raise IndexError(f"{name} expects hx as a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    if not is_lstm and not isinstance(hx, torch.Tensor):
+        raise AttributeError(f"{name} expect hx as a Tensor, got {type(hx).__name__}")
+    for h in (hx if is_lstm else [hx]):
+        if h.device != input.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input on "
+                               f"{input.device} and hidden on {h.device}")
+        if h.dtype != input.dtype and not autocast:
+            raise RuntimeError(f"Input and hidden tensors are not the same dtype, found input of "
+                               f"{input.dtype} and hidden of {h.dtype}")
 
 
 def _check_state_ranks(hx, batched: bool, is_lstm: bool):

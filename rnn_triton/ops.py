@@ -200,6 +200,18 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("rnn_triton: double backward (a gradient of a gradient) through the recurrent "
+                       "kernels is not supported")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+recurrent_bwd.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
