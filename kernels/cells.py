@@ -96,5 +96,5 @@ def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
         da = dh * (1.0 - s0 * s0)
         return da, da, da, da, da, dh * 0.0, dc
     else:
-        da = tl.where(s0 > 0.0, dh, 0.0)
+        da = tl.where(s0 <= 0.0, 0.0, dh)  # torch's threshold_backward: a NaN h' passes dh on
         return da, da, da, da, da, dh * 0.0, dc

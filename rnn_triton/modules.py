@@ -32,28 +32,39 @@ class _TritonRecurrent:
     def _autocast_dtype(self, input):
         """The dtype autocast makes torch.nn's module compute in for ``input``, or None.
 
-        On CUDA autocast casts every cell (cuDNN's RNN is on its lower-precision list); on the CPU
-        it casts LSTM and RNN but not GRU, and so do we.
+        On CUDA, cuDNN's RNN autocast wrapper casts to float16 whatever autocast's dtype (ATen's
+        cudnn/AutocastRNN.cpp); on the CPU autocast casts LSTM and RNN but not GRU. float64 is never
+        cast. We do the same.
         """
         device = input.device.type
-        if not (input.is_floating_point() and torch.is_autocast_enabled(device)):
+        if input.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
+                not torch.is_autocast_enabled(device):
             return None
+        if device == "cuda":
+            return torch.float16 if torch.backends.cudnn.enabled else None
         if device == "cpu" and self.mode == "GRU":
             return None
         return torch.get_autocast_dtype(device)
 
-    def _invalid_input(self, input) -> bool:
+    def _invalid_input(self, input, hx) -> bool:
         """Input torch.nn's forward rejects: it raises the right error, so let it."""
         if not isinstance(input, torch.Tensor):
             return False
         weight = self.weight_hh_l0
-        return input.dim() not in (2, 3) or input.device != weight.device or (
-            input.dtype != weight.dtype and self._autocast_dtype(input) is None)
+        if input.dim() not in (2, 3) or input.device != weight.device or (
+                input.dtype != weight.dtype and self._autocast_dtype(input) is None):
+            return True
+        if hx is None:
+            return False
+        if self.mode == "LSTM":
+            return not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                        and all(isinstance(h, torch.Tensor) for h in hx))
+        return not isinstance(hx, torch.Tensor)
 
     def kernel_plan(self, input) -> dispatch.Plan:
         """The kernel this module would run for ``input``, or the reason it would fall back to torch."""
         reason = self._module_limit(input)
-        if reason is None and self._invalid_input(input):
+        if reason is None and self._invalid_input(input, None):
             reason = "input does not match the module (rank, dtype or device): torch.nn raises"
         if reason is not None:
             return dispatch.Plan(None, reason)
@@ -61,7 +72,7 @@ class _TritonRecurrent:
         return dispatch.choose(self.mode, self.hidden_size, dtype, input.device)
 
     def forward(self, input, hx=None):
-        if self._invalid_input(input):
+        if self._invalid_input(input, hx):
             return super().forward(input, hx)
         plan = self.kernel_plan(input)
         if not plan.uses_triton:
@@ -72,7 +83,7 @@ class _TritonRecurrent:
         is_lstm = self.mode == "LSTM"
         batched = input.dim() == 3
         if hx is not None:
-            _check_state_types(hx, is_lstm, input, self._autocast_dtype(input) is not None)
+            _check_state_dtypes(hx, is_lstm, input, self._autocast_dtype(input) is not None)
             _check_state_ranks(hx, batched, is_lstm)
         if not batched:
             input = input.unsqueeze(0 if self.batch_first else 1)
@@ -108,13 +119,8 @@ class _TritonRecurrent:
         return y, hn
 
 
-def _check_state_types(hx, is_lstm: bool, input, autocast: bool):
-    """hx's type, dtype and device, with the exception types torch.nn's forward raises for each."""
-    name = "LSTM" if is_lstm else "GRU and RNN"
-    if is_lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-        raise IndexError(f"{name} expects hx as a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    if not is_lstm and not isinstance(hx, torch.Tensor):
-        raise AttributeError(f"{name} expect hx as a Tensor, got {type(hx).__name__}")
+def _check_state_dtypes(hx, is_lstm: bool, input, autocast: bool):
+    """hx's dtype and device, with the exception type torch.nn raises (its messages are cryptic)."""
     for h in (hx if is_lstm else [hx]):
         if h.device != input.device:
             raise RuntimeError(f"Input and hidden tensors are not at the same device, found input on "

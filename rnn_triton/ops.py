@@ -45,6 +45,18 @@ def _time_major(t: Tensor, batch_first: bool) -> Tensor:
     return t.transpose(0, 1) if batch_first else t
 
 
+def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first):
+    """Shapes the kernels rely on (metadata only: no synchronisation)."""
+    T, B, GH = _time_major(xp, batch_first).shape
+    H = w_hh.shape[1]
+    torch._check(w_hh.shape[0] == cell.num_gates * H and GH == cell.num_gates * H,
+                 lambda: f"xp {tuple(xp.shape)} and w_hh {tuple(w_hh.shape)} do not fit a {cell.name}")
+    for name, state in (("h0", h0), ("c0", c0)):
+        torch._check(state is None or tuple(state.shape) == (B, H), lambda: f"{name} must be [{B}, {H}]")
+    torch._check(cell.name != "LSTM" or (h0 is None) == (c0 is None), lambda: "LSTM takes h0 and c0 together")
+    torch._check(b_hn is None or tuple(b_hn.shape) == (H,), lambda: f"b_hn must be [{H}]")
+
+
 @torch.library.custom_op("rnn_triton::recurrent_fwd", mutates_args=())
 def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional[Tensor],
                   c0: Optional[Tensor], cell_id: int, reverse: bool, batch_first: bool, save: bool,
@@ -56,6 +68,9 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     per-step slots and cell states backward needs (else empty).
     """
     cell = _CELL_BY_ID[cell_id]
+    _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
+    if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
+        xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
     T, B, _ = xp_tm.shape
     H = w_hh.shape[1]
@@ -66,7 +81,10 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     acc = _acc_torch_dtype(xp.dtype)
     saved = xp.new_empty(T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
     cs = xp.new_empty(T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
-    if T == 0 or B == 0:
+    if T == 0 or B == 0:  # no steps: the final state is the initial one
+        hn.copy_(h0 if h0 is not None else torch.zeros_like(hn))
+        if cell_id == _LSTM:
+            cn.copy_(c0 if c0 is not None else torch.zeros_like(cn))
         return y, hn, cn, saved, cs
     dot_dtype, acc_dtype, precision = _precision(xp.dtype, xp.device)
     has_h0 = h0 is not None
@@ -191,7 +209,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
     state_shape = (_time_major(y, batch_first).shape[1], w_hh.shape[1])
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = y.new_zeros(state_shape) if dhn is None else dhn
-    dcn = y.new_zeros(state_shape) if dcn is None or cell_id != _LSTM else dcn
+    dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
     dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, *ctx.args)
     return (dxp, dw_hh, db_hn if ctx.has_b_hn else None, dh0 if h0 is not None else None,
             dc0 if c0 is not None else None) + (None,) * 7

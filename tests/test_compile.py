@@ -141,3 +141,18 @@ def test_cuda_graph_capture_of_a_training_step():
     graph.replay()
     want = torch.nn.functional.cross_entropy(model(x), target)
     assert rel_err(loss, want) < 1e-5
+
+
+@pytest.mark.parametrize("cell,cls,ref_cls", [("LSTM", rnn_triton.LSTM, torch.nn.LSTM),
+                                               ("RNN_TANH", rnn_triton.RNN, torch.nn.RNN)])
+def test_autocast_leaves_float64_alone(cell, cls, ref_cls):
+    if DEVICE.type != "cpu":
+        pytest.skip("float64 kernels run only in the interpreter")
+    ours = cls(8, 16).double()
+    ref = ref_cls(8, 16).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = ours(x)
+        y_ref, _ = ref(x)
+    assert y.dtype == y_ref.dtype == torch.float64 and rel_err(y, y_ref) < 1e-10
