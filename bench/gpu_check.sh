@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a lent H100/H200 (about 5 minutes):
 #   1. the sm_90 compile table, 2. the test suite in compiled mode (no interpreter) on the GPU,
-#   3. LSTM, GRU, RNN vs torch.nn (cuDNN) timings; a short table printed last.
-# Everything it writes goes under $OUT (default ./out): compile.txt, tests*.log, results.jsonl, REPORT.md.
+#   3. LSTM, GRU, RNN vs torch.nn (cuDNN) and the other providers, bench/run.py's quick preset.
+# It writes under $OUT (default ./out) env.txt, compile.txt, tests.log, bench.log, REPORT.md, results.jsonl
+# and bench_report.tgz (the report with its plots): commit them under reports/<gpu>/.
 # Nothing is installed: the package is imported from this checkout.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ logs=$(mktemp -d)
 pids=()
 for k in LSTM GRU RNN_TANH RNN_RELU "not (LSTM or GRU or RNN_TANH or RNN_RELU)"; do
   name=$(echo "$k" | tr -c 'A-Za-z_\n' _)
-  timeout 270 python -m pytest -q -p no:cacheprovider tests -k "$k" > "$logs/$name.log" 2>&1 &
+  timeout 240 python -m pytest -q -p no:cacheprovider tests -k "$k" > "$logs/$name.log" 2>&1 &
   pids+=($!)
 done
 status=0
@@ -35,7 +36,11 @@ for p in "${pids[@]}"; do wait "$p" || status=1; done
 cat "$logs"/*.log > "$OUT/tests.log"  # at most 8 files come back from a device run: one log
 echo "tests (compiled, GPU): $([ $status = 0 ] && echo pass || echo FAIL)"; tail -q -n 1 "$logs"/*.log
 
-preset=default; [ "$TRITON_INTERPRET" = 1 ] && preset=tiny
-timeout 200 python bench/run.py --preset $preset --out "$OUT" > "$OUT/bench.log" 2>&1
+preset=quick; [ "$TRITON_INTERPRET" = 1 ] && preset=tiny
+bench=$(mktemp -d)
+timeout 180 python bench/run.py --preset $preset --out "$bench" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"
-tail -n 30 "$OUT/REPORT.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
+# At most 8 files come back from a device run: the report, the results, and the plots in one archive.
+cp "$bench/REPORT.md" "$bench/results.jsonl" "$OUT/" 2>/dev/null
+tar czf "$OUT/bench_report.tgz" -C "$bench" .
+tail -n 12 "$OUT/bench.log"
