@@ -5,7 +5,7 @@ slots of H units each, stacked in torch's order in W_hh [NUM_GATES*H, H].
 
 Forward, per program (batch rows b0 .. b0+BLOCK_B):
     load W_hh^T once (NUM_GATES tiles [H, H]);  h, c <- h0, c0
-    for s in 0 .. T-1:  t = s (or T-1-s when REVERSE)
+    for s in 0 .. T-1:  t = s (or T-1-s when reverse)
         a_k = xp[t]_k + h @ W_k^T  (tl.dot, fp32 accumulation);  h, c = cell_forward(a, h, c)
         y[t] = h;  saved[t] = the cell's saved slots (and cs[t] = c for the LSTM) when SAVE
     hn, cn <- h, c
@@ -103,9 +103,9 @@ def persistent_fwd_kernel(
     y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output
     hn_ptr, cn_ptr,                     # [B, H] final states
     saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
-    T, B, H,
+    T, B, H, reverse,                   # reverse: 1 runs the steps last to first (bidirectional's 2nd)
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -134,9 +134,7 @@ def persistent_fwd_kernel(
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
     for s in range(T):
-        t = s
-        if REVERSE:
-            t = T - 1 - s
+        t = s + reverse * (T - 1 - 2 * s)
         x0, x1, x2, x3 = _load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, mask, NUM_GATES,
                                      ACC)
         hd = h.to(DOT_DTYPE)
@@ -180,9 +178,9 @@ def persistent_bwd_kernel(
     dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp
     dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
     dh0_ptr, dc0_ptr,                   # [B, H] out
-    T, B, H,
+    T, B, H, reverse,                   # as in the forward
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -213,11 +211,8 @@ def persistent_bwd_kernel(
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
     for s in range(T):
-        t = T - 1 - s
-        t_prev = t - 1  # the step before t in the forward's order
-        if REVERSE:
-            t = s
-            t_prev = t + 1
+        t = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's steps, last first
+        t_prev = t - 1 + 2 * reverse  # the step before t in the forward's order
         has_prev = s < T - 1
         # Clamped so the load stays in bounds; at the first step of the forward, state0 replaces it.
         t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)

@@ -75,7 +75,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     fn = persistent_fwd_kernel if kernel == "fwd" else persistent_bwd_kernel
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
-                      HAS_H0=True, REVERSE=False, BLOCK_B=block_b, BLOCK_H=block_h,
+                      HAS_H0=True, BLOCK_B=block_b, BLOCK_H=block_h,
                       DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
     if kernel == "fwd":
         constexprs["SAVE"] = True

@@ -21,10 +21,6 @@ class _TritonRecurrent:
         """Why this module's configuration or this input cannot run on the kernels, or None."""
         if isinstance(input, PackedSequence):
             return "PackedSequence input is not supported yet"
-        if self.num_layers != 1:
-            return f"num_layers={self.num_layers} is not supported yet (only 1)"
-        if self.bidirectional:
-            return "bidirectional=True is not supported yet"
         if getattr(self, "proj_size", 0) > 0:
             return "proj_size > 0 is not supported yet"
         return None
@@ -97,26 +93,51 @@ class _TritonRecurrent:
         else:
             self.check_forward_args(input, hx, None)
 
-        h0 = c0 = None
-        if hx is not None:
-            h0, c0 = (hx[0][0], hx[1][0]) if is_lstm else (hx[0], None)
-        weights = [self.weight_ih_l0, self.weight_hh_l0,
-                   self.bias_ih_l0 if self.bias else None, self.bias_hh_l0 if self.bias else None]
         cast = self._autocast_dtype(input)
         if cast is not None:  # differentiable casts: the gradients come back in the parameters' dtype
-            input, h0, c0, *weights = (None if t is None else t.to(cast) for t in [input, h0, c0, *weights])
+            input = input.to(cast)
+            hx = None if hx is None else (tuple(h.to(cast) for h in hx) if is_lstm else hx.to(cast))
         # Under autocast the casts are done: none inside. (No context otherwise: export keeps it.)
         device = input.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            y, hn, cn = recurrent_layer(self.mode, input, *weights, h0, c0, plan.config, self.batch_first)
-        hn = hn.unsqueeze(0)
+            y, hn, cn = self._layers(input, hx, plan.config, cast)
         if not batched:
             y = y.squeeze(0 if self.batch_first else 1)
             hn = hn.squeeze(1)
-        if is_lstm:
-            cn = cn.unsqueeze(0)
-            return y, (hn, cn if batched else cn.squeeze(1))
-        return y, hn
+            cn = None if cn is None else cn.squeeze(1)
+        return (y, (hn, cn)) if is_lstm else (y, hn)
+
+    def _layers(self, x, hx, config, cast):
+        """Every layer and direction, in torch.nn's order: h_n[k] is layer k // D, direction k % D.
+
+        Each (layer, direction) is one persistent launch; the reverse direction runs its steps last to
+        first. Dropout between layers only in training, as torch.nn does.
+        """
+        is_lstm = self.mode == "LSTM"
+        directions = 2 if self.bidirectional else 1
+        hns, cns = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                weights = [getattr(self, f"weight_ih{suffix}"), getattr(self, f"weight_hh{suffix}"),
+                           getattr(self, f"bias_ih{suffix}") if self.bias else None,
+                           getattr(self, f"bias_hh{suffix}") if self.bias else None]
+                if cast is not None:
+                    weights = [None if w is None else w.to(cast) for w in weights]
+                h0 = c0 = None
+                if hx is not None:
+                    h0, c0 = (hx[0][k], hx[1][k]) if is_lstm else (hx[k], None)
+                y, hn, cn = recurrent_layer(self.mode, x, *weights, h0, c0, config, self.batch_first,
+                                            reverse=direction == 1)
+                outputs.append(y)
+                hns.append(hn)
+                cns.append(cn)
+            x = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+        return x, torch.stack(hns), (torch.stack(cns) if is_lstm else None)
 
 
 def _check_state_dtypes(hx, is_lstm: bool, input, autocast: bool):

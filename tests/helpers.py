@@ -35,7 +35,7 @@ def twin(ours: torch.nn.Module, ref_cls) -> torch.nn.Module:
                   batch_first=ours.batch_first, dropout=ours.dropout,
                   bidirectional=ours.bidirectional, **_extra_args(ours)).double()
     ref.load_state_dict({k: v.cpu().double() for k, v in ours.state_dict().items()})
-    return ref
+    return ref.train(ours.training)
 
 
 def _extra_args(module):

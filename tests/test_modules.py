@@ -86,14 +86,35 @@ def test_unsupported_size_falls_back_to_torch(cell, monkeypatch, seed):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("kwargs,reason", [
-    ({"num_layers": 2}, "num_layers"),
-    ({"bidirectional": True}, "bidirectional"),
-])
-def test_unsupported_options_raise_in_strict_mode(cell, kwargs, reason):
-    module = _make(cell, 8, 16, **kwargs).to(DEVICE)
-    with pytest.raises(NotImplementedError, match=reason):
-        module(torch.randn(5, 2, 8, device=DEVICE))
+@pytest.mark.parametrize("layers,bidirectional,batch_first,with_state,dtype", [
+    (2, False, False, True, torch.float32), (1, True, True, True, torch.float32),
+    (3, True, False, False, torch.float32), (2, True, True, True, torch.bfloat16)], ids=str)
+def test_layers_and_directions(cell, layers, bidirectional, batch_first, with_state, dtype, seed):
+    """num_layers and bidirectional: outputs concatenated as torch.nn does, h_n (c_n) in its order,
+    every gradient (each layer's and direction's parameters included)."""
+    H, B, T = 32, 3, 9
+    module = _make(cell, 8, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    x = torch.randn(B, T, 8, dtype=torch.float64) if batch_first else torch.randn(T, B, 8, dtype=torch.float64)
+    hx = None
+    if with_state:
+        n = layers * (2 if bidirectional else 1)
+        hx = torch.randn(n, B, H, dtype=torch.float64)
+        hx = (hx, torch.randn(n, B, H, dtype=torch.float64)) if cell == "LSTM" else hx
+    compare_with_torch(module.to(dtype), CELLS[cell][1], x, hx, seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_between_layers(cell, seed):
+    """Masks cannot match torch's RNG: dropout=1 (deterministic) shows where dropout sits (between
+    layers, never after the last); p=0.5 matches torch in eval mode and is random in training."""
+    ours = _make(cell, 8, 16, num_layers=3, dropout=1.0).to(DEVICE)
+    compare_with_torch(ours, CELLS[cell][1], torch.randn(6, 2, 8, dtype=torch.float64), None, seed)
+    ours = _make(cell, 8, 16, num_layers=2, dropout=0.5).to(DEVICE).eval()
+    compare_with_torch(ours, CELLS[cell][1], torch.randn(6, 2, 8, dtype=torch.float64), None, seed)
+    ours.train()
+    x = torch.randn(6, 2, 8, device=DEVICE)
+    a, b, evaluated = ours(x)[0], ours(x)[0], ours.eval()(x)[0]
+    assert not torch.equal(a, b) and not torch.equal(a, evaluated) and torch.isfinite(a).all()
 
 
 def test_lstm_projection_raises_in_strict_mode():
@@ -166,8 +187,8 @@ def test_kernel_plan_says_what_runs():
     lstm = rnn_triton.LSTM(4, 48)
     plan = lstm.kernel_plan(torch.randn(3, 2, 4))
     assert plan.uses_triton and plan.config.variant == "tile-persistent" and plan.config.block_h == 64
-    plan = rnn_triton.LSTM(4, 48, num_layers=2).kernel_plan(torch.randn(3, 2, 4))
-    assert not plan.uses_triton and "num_layers" in plan.reason
+    plan = rnn_triton.LSTM(4, 48, proj_size=8).kernel_plan(torch.randn(3, 2, 4))
+    assert not plan.uses_triton and "proj_size" in plan.reason
 
 
 @pytest.mark.parametrize("cell", CELLS)
