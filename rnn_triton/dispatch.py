@@ -33,15 +33,16 @@ CELLS = {
 #: any_h)}, read off the sm_90 compile check (``python -m rnn_triton.compile_check``). H pads to
 #: BLOCK_H, the next power of two. any_h False: only for H a multiple of 16, where Triton specialises
 #: every size and stride as 16-divisible and the weight loads vectorise; other H at that BLOCK_H spill.
-_GATED_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
+_LSTM_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
+_GRU_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, True)}
 _RNN_HALF = {16: (4, True), 32: (4, True), 64: (8, True), 128: (8, True), 256: (8, False)}
 _RNN_FP32 = {16: (4, True), 32: (4, True), 64: (8, True)}
 TILE_CONFIGS = {
-    ("LSTM", torch.float16): _GATED_HALF,
-    ("LSTM", torch.bfloat16): _GATED_HALF,
+    ("LSTM", torch.float16): _LSTM_HALF,
+    ("LSTM", torch.bfloat16): _LSTM_HALF,
     ("LSTM", torch.float32): {16: (4, True), 32: (16, False), 64: (8, False)},
-    ("GRU", torch.float16): _GATED_HALF,
-    ("GRU", torch.bfloat16): _GATED_HALF,
+    ("GRU", torch.float16): _GRU_HALF,
+    ("GRU", torch.bfloat16): _GRU_HALF,
     ("GRU", torch.float32): {16: (4, True), 32: (8, True), 64: (8, False)},
     ("RNN_TANH", torch.float16): _RNN_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_HALF,
