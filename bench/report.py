@@ -40,6 +40,13 @@ def _speedups(rows):
             if p == "torch.nn" and (k, m, "rnn_triton") in times}
 
 
+def _save(fig, out, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
 def plot_heatmaps(rows, out):
     """One heatmap per (cell, dtype, mode) over batch x hidden, at the most common T; file names."""
     speed = _speedups(rows)
@@ -65,10 +72,7 @@ def plot_heatmaps(rows, out):
         ax.set_title(f"{cell} {dtype} {mode}, T={T}\nspeedup over torch.nn (higher is better)", fontsize=9)
         fig.colorbar(im, ax=ax)
         name = f"speedup_{cell}_{dtype}_{mode.replace('+', '_')}_T{T}.png"
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, name))
     return files
 
 
@@ -98,10 +102,7 @@ def plot_time_vs_seq(rows, out):
         ax.set_title(f"{cell} {dtype} {mode}, B={B}, H={H}", fontsize=9)
         ax.legend(fontsize=7)
         name = f"time_vs_T_{cell}_{dtype}_{mode.replace('+', '_')}_B{B}_H{H}.png"
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, name))
     return files
 
 
@@ -123,10 +124,7 @@ def plot_forward_backward(rows, out):
     ax.set_ylabel("time (ms, median, first config of each cell)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "forward_vs_backward.png"), dpi=110)
-    plt.close(fig)
-    return ["forward_vs_backward.png"]
+    return [_save(fig, out, "forward_vs_backward.png")]
 
 
 def _fmt(v, spec):
