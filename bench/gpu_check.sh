@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a lent H100/H200 (about 5 minutes):
+# The GPU check, in one call on a lent H100/H200 (about 8 minutes; give it timeout_s 600):
 #   1. the sm_90 compile table, 2. the test suite in compiled mode (no interpreter) on the GPU,
-#   3. LSTM, GRU, RNN vs torch.nn (cuDNN) and the other providers, bench/run.py's quick preset.
+#      the cooperative kernels included (20 runs bitwise identical: tests/test_cooperative.py),
+#   3. LSTM, GRU, RNN vs torch.nn (cuDNN) and the other providers: bench/run.py's quick preset (small
+#      H) and large preset (H 256-1024, B 1/16/64, T 1024, bf16: the cooperative kernels).
 # It writes under $OUT (default ./out) env.txt, compile.txt, tests.log, bench.log, REPORT.md, results.jsonl
 # and bench_report.tgz (the report with its plots): commit them under reports/<gpu>/.
 # Nothing is installed: the package is imported from this checkout.
@@ -20,8 +22,9 @@ fi
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   | tee "$OUT/env.txt"
 
-TRITON_INTERPRET=0 python -m rnn_triton.compile_check --probe > "$OUT/compile.txt" 2>&1
-echo "compile check: exit $? ($(tail -n 1 "$OUT/compile.txt"))"
+# The compile check runs on the CPUs alongside the GPU tests.
+TRITON_INTERPRET=0 python -m rnn_triton.compile_check --probe > "$OUT/compile.txt" 2>&1 &
+compile_pid=$!
 
 # Compiling every kernel variant the tests touch dominates: one pytest per cell, side by side.
 logs=$(mktemp -d)
@@ -35,10 +38,18 @@ status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 cat "$logs"/*.log > "$OUT/tests.log"  # at most 8 files come back from a device run: one log
 echo "tests (compiled, GPU): $([ $status = 0 ] && echo pass || echo FAIL)"; tail -q -n 1 "$logs"/*.log
+wait $compile_pid
+echo "compile check: exit $? ($(tail -n 1 "$OUT/compile.txt"))"
 
-preset=quick; [ "$TRITON_INTERPRET" = 1 ] && preset=tiny
+# Small H (tile-persistent) and the cooperative reference configurations, in one report.
 bench=$(mktemp -d)
-timeout 180 python bench/run.py --preset $preset --out "$bench" > "$OUT/bench.log" 2>&1
+if [ "$TRITON_INTERPRET" = 1 ]; then
+  timeout 180 python bench/run.py --preset tiny --out "$bench" > "$OUT/bench.log" 2>&1
+else
+  { timeout 100 python bench/run.py --preset quick --budget-ms 50 --out "$bench" --no-compile-table
+    timeout 150 python bench/run.py --preset large --budget-ms 50 --out "$bench" --no-compile-table
+  } > "$OUT/bench.log" 2>&1
+fi
 echo "bench: exit $?"
 # At most 8 files come back from a device run: the report, the results, and the plots in one archive.
 cp "$bench/REPORT.md" "$bench/results.jsonl" "$OUT/" 2>/dev/null

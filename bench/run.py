@@ -58,6 +58,9 @@ PRESETS = {
             sweep(dtypes=["float32"], batch=[2], hidden=[16], seq=[4, 16], input_size=[16],
                   providers=["rnn_triton", "torch.nn", "torch-loop"])],
     "quick": [sweep(batch=[16, 64], hidden=[64, 128], seq=[1024], modes=["forward", "forward+backward"])],
+    # the cooperative kernels' reference configurations (issue 5), against cuDNN only
+    "large": [sweep(batch=[1, 16, 64], hidden=[256, 512, 768, 1024], seq=[1024],
+                    modes=["forward", "forward+backward"], providers=["rnn_triton", "torch.nn"])],
     "default": [
         sweep(batch=[1, 16, 64, 256], hidden=[64, 128, 256], seq=[1024]),   # speedup heatmaps
         sweep(batch=[16], hidden=[128], seq=[128, 512, 2048, 4096]),        # time vs sequence length

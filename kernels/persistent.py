@@ -30,68 +30,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-
-
-@triton.jit
-def _load_gate_tiles(w_ptr, H, offs_h, mask_h, TRANSPOSE: tl.constexpr, NUM_GATES: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr):
-    """The NUM_GATES [H, H] blocks W_k of W_hh [NUM_GATES*H, H], as W_k or (TRANSPOSE) W_k^T.
-
-    Always read row-major (contiguous, vectorised loads); the transpose is a view for the dot.
-    Slots beyond NUM_GATES repeat slot 0 and are never used.
-    """
-    offs = offs_h[:, None] * H + offs_h[None, :]  # tile[n, j] = W[k*H + n, j]
-    mask = mask_h[:, None] & mask_h[None, :]
-    w0 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(DOT_DTYPE)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if NUM_GATES > 1:
-        w1 = tl.load(w_ptr + H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
-        w2 = tl.load(w_ptr + 2 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
-    if NUM_GATES > 3:
-        w3 = tl.load(w_ptr + 3 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE)
-    if TRANSPOSE:  # W_k^T @ dgate^T gives dLoss/dh^T
-        return tl.trans(w0), tl.trans(w1), tl.trans(w2), tl.trans(w3)
-    return w0, w1, w2, w3  # W_k @ h^T gives the gates' pre-activations^T
-
-
-@triton.jit
-def row_offsets(offs_b, stride_b, offs_h):
-    """Offsets of the [BLOCK_H, BLOCK_B] tile within one step, b*stride_b + h, in 64 bits."""
-    return offs_b.to(tl.int64)[None, :] * tl.cast(stride_b, tl.int64) + offs_h[:, None]
-
-
-@triton.jit
-def step_offsets(t, stride_t, rows):
-    """``rows`` (from row_offsets) at step t: t*stride_t + rows, in 64 bits, since T*B*G*H passes
-    2^31 in long or wide runs. (tl.cast, not .to: Triton passes a size or stride of 1 as a constant.)"""
-    return tl.cast(t, tl.int64) * tl.cast(stride_t, tl.int64) + rows
-
-
-@triton.jit
-def _load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
-    """NUM consecutive H-wide slots at ptr (a [BLOCK_H, BLOCK_B] pointer tile); unused slots repeat 0."""
-    s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
-    s1 = s0
-    s2 = s0
-    s3 = s0
-    if NUM > 1:
-        s1 = tl.load(ptr + H, mask=mask, other=0.0).to(ACC)
-        s2 = tl.load(ptr + 2 * H, mask=mask, other=0.0).to(ACC)
-    if NUM > 3:
-        s3 = tl.load(ptr + 3 * H, mask=mask, other=0.0).to(ACC)
-    return s0, s1, s2, s3
-
-
-@triton.jit
-def _store_slots(ptr, H, mask, NUM: tl.constexpr, s0, s1, s2, s3):
-    tl.store(ptr, s0.to(ptr.dtype.element_ty), mask=mask)
-    if NUM > 1:
-        tl.store(ptr + H, s1.to(ptr.dtype.element_ty), mask=mask)
-        tl.store(ptr + 2 * H, s2.to(ptr.dtype.element_ty), mask=mask)
-    if NUM > 3:
-        tl.store(ptr + 3 * H, s3.to(ptr.dtype.element_ty), mask=mask)
+from .tiles import load_gate_tiles, load_slots, row_offsets, step_offsets, store_slots
 
 
 @triton.jit
@@ -116,8 +55,7 @@ def persistent_fwd_kernel(
     mask = mask_h[:, None] & (offs_b < B)[None, :]
     state_offs = row_offsets(offs_b, H, offs_h)
 
-    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, False, NUM_GATES,
-                                      DOT_DTYPE)
+    w0, w1, w2, w3 = load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, offs_h, mask_h, False, NUM_GATES, DOT_DTYPE)
     b_hn = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     if CELL == GRU:
         b_hn += tl.load(b_hn_ptr + offs_h[:, None], mask=mask_h[:, None], other=0.0).to(ACC)
@@ -135,7 +73,7 @@ def persistent_fwd_kernel(
     state_stride_t = tl.cast(B, tl.int64) * H
     for s in range(T):
         t = s + reverse * (T - 1 - 2 * s)
-        x0, x1, x2, x3 = _load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, mask, NUM_GATES,
+        x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, mask, NUM_GATES,
                                      ACC)
         hd = h.to(DOT_DTYPE)
         # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
@@ -157,7 +95,7 @@ def persistent_fwd_kernel(
         h = tl.where(mask, h, 0.0)
         tl.store(y_ptr + step_offsets(t, stride_y_t, y_rows), h.to(y_ptr.dtype.element_ty), mask=mask)
         if SAVE:
-            _store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask, NUM_SAVED,
+            store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask, NUM_SAVED,
                          s0, s1, s2, s3)
             if CELL == LSTM:
                 tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
@@ -191,8 +129,7 @@ def persistent_bwd_kernel(
     mask = mask_h[:, None] & (offs_b < B)[None, :]
     state_offs = row_offsets(offs_b, H, offs_h)
 
-    w0, w1, w2, w3 = _load_gate_tiles(w_hh_ptr, H, tl.arange(0, BLOCK_H), mask_h, True, NUM_GATES,
-                                      DOT_DTYPE)
+    w0, w1, w2, w3 = load_gate_tiles(w_hh_ptr, H, offs_h, mask_h, offs_h, mask_h, True, NUM_GATES, DOT_DTYPE)
     dh = tl.load(dhn_ptr + state_offs, mask=mask, other=0.0).to(ACC)
     dc = tl.zeros([BLOCK_H, BLOCK_B], ACC)
     state0 = tl.zeros([BLOCK_H, BLOCK_B], ACC)  # the state before the first step: c0 (LSTM), h0 (GRU)
@@ -217,7 +154,7 @@ def persistent_bwd_kernel(
         # Clamped so the load stays in bounds; at the first step of the forward, state0 replaces it.
         t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
         dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=mask, other=0.0).to(ACC)
-        s0, s1, s2, s3 = _load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask,
+        s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask,
                                      NUM_SAVED, ACC)
         c_new = state0
         prev = state0
@@ -228,7 +165,7 @@ def persistent_bwd_kernel(
             prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=mask, other=0.0).to(ACC)
         prev = tl.where(has_prev, prev, state0)
         d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev, prev)
-        _store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, mask, NUM_GATES, d0, d1, d2, d3)
+        store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, mask, NUM_GATES, d0, d1, d2, d3)
         if CELL == GRU:
             tl.store(dqn_ptr + step_offsets(t, state_stride_t, state_offs), dq2.to(dqn_ptr.dtype.element_ty),
                      mask=mask)

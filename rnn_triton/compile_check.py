@@ -5,7 +5,9 @@
 
 For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory and
 whether tensor-core instructions (mma/wgmma) are in the PTX. A configuration passes when it does not
-spill and its shared memory fits in an SM (227 KB). Exit status 1 if any dispatcher configuration fails.
+spill and its shared memory fits in an SM (227 KB); a cooperative one also when its registers and
+shared memory are within what ``dispatch.COOP_CONFIGS`` declares (the capacity model counts resident
+programs from those). Exit status 1 if any dispatcher configuration fails.
 
 Must run without TRITON_INTERPRET (under it, @triton.jit yields interpreter functions, not compilable).
 """
@@ -34,6 +36,7 @@ class Result:
     num_warps: int
     aligned: bool
     precision: str
+    block_u: int = 0
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
@@ -42,7 +45,14 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.spill_bytes == 0 and self.shared_bytes <= SM90_SHARED_LIMIT
+        if self.error or self.spill_bytes or self.shared_bytes > SM90_SHARED_LIMIT:
+            return False
+        if self.kernel.startswith("coop"):  # within what the capacity model assumes
+            from .dispatch import COOP_CONFIGS
+            declared = COOP_CONFIGS.get((self.cell, getattr(torch, self.dtype)), {}).get(self.block_h)
+            return declared is None or (self.registers <= declared.registers
+                                        and self.shared_bytes <= declared.shared_bytes)
+        return True
 
 
 def _signature(fn, dtype, constexprs):
@@ -51,40 +61,49 @@ def _signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in ("sync_ptr", "error_ptr"):
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr") else _PTR[dtype]
+            sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr", "carry_ptr") else _PTR[dtype]
         else:
             sig[name] = "i32"
     return sig
 
 
 def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
-                num_warps: int, aligned: bool = False, precision: str = "ieee") -> Result:
-    """Compile one configuration. ``aligned`` mirrors the launch-time specialisation Triton applies
-    when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16. Without
-    it, nothing is assumed, as for H = 100."""
+                num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0) -> Result:
+    """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent) or coop_fwd / coop_bwd
+    (cooperative, built with its barrier). ``aligned`` mirrors the launch-time specialisation Triton
+    applies when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16.
+    Without it, nothing is assumed, as for H = 100."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .dispatch import CELLS
+    from .kernels.cooperative import cooperative_bwd_kernel, cooperative_fwd_kernel
     from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
     cell = CELLS[cell_name]
-    fn = persistent_fwd_kernel if kernel == "fwd" else persistent_bwd_kernel
+    fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel,
+          "coop_fwd": cooperative_fwd_kernel, "coop_bwd": cooperative_bwd_kernel}[kernel]
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
-                      HAS_H0=True, BLOCK_B=block_b, BLOCK_H=block_h,
-                      DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
-    if kernel == "fwd":
+                      HAS_H0=True, BLOCK_B=block_b, DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
+    if kernel.startswith("coop"):
+        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, COOPERATIVE=True)
+    else:
+        constexprs.update(BLOCK_H=block_h)
+    if kernel.endswith("fwd"):
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
-                 aligned, precision)
+                 aligned, precision, block_u)
     try:
         sig = _signature(fn, dtype, constexprs)
+        unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if aligned and sig[name] != "constexpr" and name != "T"}
+                 if aligned and sig[name] != "constexpr" and name not in unknown}
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": num_warps, "num_stages": 1})
@@ -117,7 +136,7 @@ def dispatcher_configs(probe: bool = False):
     as IEEE fp32 and as TF32 (cuDNN's default, which the kernels follow).
 
     With ``probe``, also what lies just past each limit (expected to fail)."""
-    from .dispatch import BLOCK_B, TILE_CONFIGS
+    from .dispatch import BLOCK_B, BLOCK_U, COOP_CONFIGS, TILE_CONFIGS
     configs = []
     for (cell, dtype), table in TILE_CONFIGS.items():
         entries = [(bh, warps, (True, False) if any_h else (True,)) for bh, (warps, any_h) in table.items()]
@@ -132,11 +151,28 @@ def dispatcher_configs(probe: bool = False):
                 for aligned in alignments:
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
+    for (cell, dtype), table in COOP_CONFIGS.items():
+        entries = [(bk, c.num_warps, (True, False) if c.any_h else (True,)) for bk, c in table.items()]
+        if probe:
+            top = max(table)
+            entries.append((2 * top, table[top].num_warps, (True,)))
+            if not table[top].any_h:
+                entries.append((top, table[top].num_warps, (False,)))
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for block_k, warps, alignments in entries:
+            for kernel in ("coop_fwd", "coop_bwd"):
+                for aligned in alignments:
+                    for precision in precisions:
+                        configs.append((kernel, cell, dtype, block_k, BLOCK_B, warps, aligned, precision,
+                                        BLOCK_U))
     return configs
 
 
 def is_dispatcher_config(r) -> bool:
-    from .dispatch import TILE_CONFIGS
+    from .dispatch import COOP_CONFIGS, TILE_CONFIGS
+    if r.kernel.startswith("coop"):
+        entry = COOP_CONFIGS.get((r.cell, getattr(torch, r.dtype)), {}).get(r.block_h)
+        return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h)
     entry = TILE_CONFIGS[(r.cell, getattr(torch, r.dtype))].get(r.block_h)
     return entry is not None and entry[0] == r.num_warps and (r.aligned or entry[1])
 
@@ -154,14 +190,14 @@ def _compile_tuple(c):
 
 
 def format_table(results) -> str:
-    lines = ["| kernel | cell | dtype | BLOCK_H | H | BLOCK_B | warps | regs | spills (B) "
+    lines = ["| kernel | cell | dtype | BLOCK_H | H | BLOCK_B | BLOCK_U | warps | regs | spills (B) "
              "| shared (KB) | tensor cores | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         fits = "yes" if r.ok else ("compile error: " + r.error if r.error else "NO")
         dtype = r.dtype + (" (tf32)" if r.precision == "tf32" else "")
         lines.append(f"| {r.kernel} | {r.cell} | {dtype} | {r.block_h} | {'16k' if r.aligned else 'any'} "
-                     f"| {r.block_b} | {r.num_warps} "
+                     f"| {r.block_b} | {r.block_u or '-'} | {r.num_warps} "
                      f"| {r.registers} | {r.spill_bytes} | {r.shared_bytes / 1024:.1f} "
                      f"| {'yes' if r.tensor_cores else 'no'} | {fits} |")
     return "\n".join(lines)

@@ -1,9 +1,19 @@
 """Which kernel serves a call, with which configuration, or why none does.
 
 Plain Python, no kernels: ``choose`` looks at the cell, H, B, dtype and device and returns a ``Plan``.
-The configurations per (cell, dtype) are ``TILE_CONFIGS``; they come from the sm_90 compile check
-(``python -m rnn_triton.compile_check``): every configuration ``choose`` can return compiles there with
-no spills and within the shared-memory limit, and the next size up does not.
+Three variants, by on-chip capacity:
+
+- tile-persistent: one program per 16 batch rows holds all of W_hh (``TILE_CONFIGS``), small H;
+- cooperative: programs split the hidden units 16 at a time and meet at a grid barrier each step
+  (``COOP_CONFIGS``); only when every program is resident at once, which the capacity model
+  (``resident_blocks``) works out from the device's SMs, registers and shared memory and the kernel's
+  measured use of them;
+- stepwise: the cooperative kernel launched once per step, where the grid would not be resident, and
+  in the interpreter (which runs programs one after another, so a barrier between them cannot work).
+
+The configurations come from the sm_90 compile check (``python -m rnn_triton.compile_check``): every
+configuration ``choose`` can return compiles there with no spills and within the shared-memory limit,
+its registers and shared memory are at most what the tables say, and the next size up does not fit.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -55,15 +65,97 @@ TILE_CONFIGS = {
 #: The batch rows one program owns. 16 is the smallest N of a tensor-core dot.
 BLOCK_B = 16
 
+
+@dataclass(frozen=True)
+class CoopConfig:
+    """A cooperative configuration and its resource use on sm_90: registers and shared memory are the
+    most any of its builds uses (forward or backward, any alignment taken), from the compile check,
+    and decide how many of its programs an SM holds at once."""
+    num_warps: int
+    any_h: bool         # False: only H a multiple of 16 (other H spill at this BLOCK_K)
+    registers: int      # per thread
+    shared_bytes: int   # per program
+
+
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+#: Hidden units per cooperative program: the smallest M of a tensor-core dot. Each program keeps its
+#: units' rows of every gate, NUM_GATES x 16 x H weights, on chip; 32 units would spill.
+BLOCK_U = 16
+_C = CoopConfig
+_K = 1024
+_LSTM_COOP = {128: _C(8, True, 192, 21 * _K), 256: _C(8, True, 208, 41 * _K),
+              512: _C(8, False, 200, 81 * _K)}
+_GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K)}
+_RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K), 512: _C(8, True, 96, 33 * _K),
+                  1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K)}
+_RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K),
+                  512: _C(8, True, 80, 65 * _K), 1024: _C(8, True, 128, 129 * _K)}
+#: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
+#: of two): CoopConfig}, read off the sm_90 compile check (float32 LSTM and GRU spill at any size).
+COOP_CONFIGS = {
+    ("LSTM", torch.float16): _LSTM_COOP,
+    ("LSTM", torch.bfloat16): _LSTM_COOP,
+    ("GRU", torch.float16): _GRU_COOP,
+    ("GRU", torch.bfloat16): _GRU_COOP,
+    ("RNN_TANH", torch.float16): _RNN_COOP_HALF,
+    ("RNN_TANH", torch.bfloat16): _RNN_COOP_HALF,
+    ("RNN_TANH", torch.float32): _RNN_COOP_FP32,
+    ("RNN_RELU", torch.float16): _RNN_COOP_HALF,
+    ("RNN_RELU", torch.bfloat16): _RNN_COOP_HALF,
+    ("RNN_RELU", torch.float32): _RNN_COOP_FP32,
+}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    variant: str      # "tile-persistent"
-    block_b: int
-    block_h: int
+    variant: str      # "tile-persistent", "cooperative" or "stepwise"
+    block_b: int      # batch rows per tile
+    block_h: int      # H padded to a power of two
     num_warps: int
+    block_u: int = 0  # cooperative / stepwise: hidden units per program
+    groups: int = 0   # cooperative / stepwise: programs along the batch (each takes every groups-th tile)
+
+
+@dataclass(frozen=True)
+class DeviceProps:
+    """What the capacity model needs to know about a GPU."""
+    name: str
+    sm_count: int
+    shared_per_sm: int            # bytes of shared memory an SM shares out among its blocks
+    shared_per_block: int         # the most one block may use (opt-in)
+    registers_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+
+
+#: The GPU the tables were measured for (an H100 SXM has the same SMs; only the SM count may differ).
+H200 = DeviceProps("NVIDIA H200", sm_count=132, shared_per_sm=228 * 1024, shared_per_block=227 * 1024)
+
+
+def device_props(device: torch.device) -> DeviceProps:
+    """The capacity model's view of a CUDA device."""
+    p = torch.cuda.get_device_properties(device)
+    return DeviceProps(p.name, p.multi_processor_count,
+                       getattr(p, "shared_memory_per_multiprocessor", H200.shared_per_sm),
+                       getattr(p, "shared_memory_per_block_optin", H200.shared_per_block),
+                       getattr(p, "regs_per_multiprocessor", H200.registers_per_sm),
+                       getattr(p, "max_threads_per_multi_processor", H200.max_threads_per_sm))
+
+
+def resident_blocks(props: DeviceProps, num_warps: int, registers: int, shared_bytes: int) -> int:
+    """How many blocks of a kernel one SM runs at once: the tightest of its thread, register and
+    shared-memory limits (registers are allocated per warp in chunks of 256)."""
+    if shared_bytes > props.shared_per_block:
+        return 0
+    threads = 32 * num_warps
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    limits = [props.max_blocks_per_sm, props.max_threads_per_sm // threads,
+              props.registers_per_sm // (regs_per_warp * num_warps)]
+    if shared_bytes:
+        limits.append(props.shared_per_sm // shared_bytes)
+    return max(0, min(limits))
 
 
 @dataclass(frozen=True)
@@ -82,14 +174,21 @@ def block_h_for(hidden_size: int) -> int:
     return max(16, 1 << (hidden_size - 1).bit_length())
 
 
-def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True) -> int:
-    """Largest hidden size the tile-persistent kernel takes (for H a multiple of 16, or any H)."""
-    configs = TILE_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {})
-    return max((bh for bh, (_, any_h) in configs.items() if any_h or multiple_of_16), default=0)
+def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, variant: str = "any") -> int:
+    """Largest hidden size the kernels take (for H a multiple of 16, or any H), either variant or
+    only the "tile-persistent" one. (Below it, some H may still be refused: those whose power-of-two
+    padding has a configuration for multiples of 16 only.)"""
+    key = (cell, torch.float32 if dtype == torch.float64 else dtype)
+    sizes = [bh for bh, (_, any_h) in TILE_CONFIGS.get(key, {}).items() if any_h or multiple_of_16]
+    if variant == "any":
+        sizes += [bk for bk, c in COOP_CONFIGS.get(key, {}).items() if c.any_h or multiple_of_16]
+    return max(sizes, default=0)
 
 
-def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device) -> Plan:
-    """The plan for one layer of ``cell`` with ``hidden_size`` units on ``device`` in ``dtype``."""
+def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
+           props: Optional[DeviceProps] = None) -> Plan:
+    """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
+    ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -100,10 +199,23 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     if dtype not in GPU_DTYPES + (torch.float64,):
         return Plan(None, f"dtype {dtype} is not supported (float16, bfloat16, float32)")
     # float64 runs only in the interpreter; it takes float32's sizes, as the GPU would.
-    configs = TILE_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {})
+    key = (cell, torch.float32 if dtype == torch.float64 else dtype)
+    configs = TILE_CONFIGS.get(key, {})
     block_h = block_h_for(hidden_size)
-    if block_h not in configs or not (configs[block_h][1] or hidden_size % 16 == 0):
-        return Plan(None, f"hidden_size={hidden_size} is above the tile-persistent kernel's limit for "
-                          f"{cell} in {dtype}: {max_hidden(cell, dtype, False)}, or "
-                          f"{max_hidden(cell, dtype, True)} for multiples of 16")
-    return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
+    if block_h in configs and (configs[block_h][1] or hidden_size % 16 == 0):
+        return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
+    coop = COOP_CONFIGS.get(key, {}).get(block_h)
+    if coop is None or not (coop.any_h or hidden_size % 16 == 0):
+        return Plan(None, f"hidden_size={hidden_size} is above the kernels' limit for {cell} in {dtype}: "
+                          f"{max_hidden(cell, dtype, False)}, or {max_hidden(cell, dtype, True)} for "
+                          f"multiples of 16")
+    units = -(-hidden_size // BLOCK_U)
+    tiles = -(-max(batch, 1) // BLOCK_B)
+    if device.type == "cpu":  # the interpreter runs programs one after another: no barrier between them
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles))
+    props = props or device_props(device)
+    capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
+    if units > capacity:  # not all resident: a barrier could wait for a program that never starts
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles))
+    return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
+                             min(tiles, capacity // units)))

@@ -65,7 +65,8 @@ class _TritonRecurrent:
         if reason is not None:
             return dispatch.Plan(None, reason)
         dtype = self._autocast_dtype(input) or input.dtype
-        return dispatch.choose(self.mode, self.hidden_size, dtype, input.device)
+        batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
+        return dispatch.choose(self.mode, self.hidden_size, dtype, input.device, batch)
 
     def forward(self, input, hx=None):
         if self._invalid_input(input, hx):
@@ -110,8 +111,8 @@ class _TritonRecurrent:
     def _layers(self, x, hx, config, cast):
         """Every layer and direction, in torch.nn's order: h_n[k] is layer k // D, direction k % D.
 
-        Each (layer, direction) is one persistent launch; the reverse direction runs its steps last to
-        first. Dropout between layers only in training, as torch.nn does.
+        Each (layer, direction) is one persistent launch (one per step when stepwise); the reverse
+        direction runs its steps last to first. Dropout between layers only in training, as torch.nn does.
         """
         is_lstm = self.mode == "LSTM"
         directions = 2 if self.bidirectional else 1

@@ -15,13 +15,19 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from . import runtime
+from . import dispatch, runtime
 from .dispatch import CELLS, KernelConfig
+from .kernels.cooperative import cooperative_bwd_kernel, cooperative_fwd_kernel
 from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
 _CELL_BY_ID = {cell.kernel_id: cell for cell in CELLS.values()}
 _LSTM = CELLS["LSTM"].kernel_id
 _GRU = CELLS["GRU"].kernel_id
+
+#: Polls of the grid barrier before a cooperative program gives up and flags an error: seconds of
+#: waiting, where a step normally takes microseconds. Only a grid that is not all resident (which the
+#: dispatcher rules out, but another kernel on the GPU can cause) gets there.
+BARRIER_MAX_SPINS = 1 << 24
 
 
 def _precision(dtype: torch.dtype, device: torch.device):
@@ -60,9 +66,10 @@ def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first):
 @torch.library.custom_op("rnn_triton::recurrent_fwd", mutates_args=())
 def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional[Tensor],
                   c0: Optional[Tensor], cell_id: int, reverse: bool, batch_first: bool, save: bool,
-                  block_b: int, block_h: int, num_warps: int
+                  variant: str, block_b: int, block_h: int, block_u: int, groups: int, num_warps: int
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Persistent forward loop. xp: [T, B, G*H] (or [B, T, G*H] when batch_first).
+    """Forward time loop (``variant``: see ``dispatch.KernelConfig``). xp: [T, B, G*H] (or [B, T, G*H]
+    when batch_first).
 
     Returns y (layout of xp), hn [B, H], cn [B, H] (LSTM; else empty), and, when ``save``, the
     per-step slots and cell states backward needs (else empty).
@@ -88,6 +95,24 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
         return y, hn, cn, saved, cs
     dot_dtype, acc_dtype, precision = _precision(xp.dtype, xp.device)
     has_h0 = h0 is not None
+    constexprs = dict(CELL=cell_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
+                      SAVE=save, BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
+    if variant != "tile-persistent":
+        # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
+        init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
+        carry = init.to(acc, copy=True).contiguous() if init is not None else xp.new_zeros(B, H, dtype=acc)
+        _run_cooperative(
+            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd",
+            (xp_tm, xp_tm.stride(0), xp_tm.stride(1),
+             w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
+             h0.contiguous() if has_h0 else hn,
+             y_tm, y_tm.stride(0), y_tm.stride(1), carry, saved, cs),
+            (T, B, H, int(reverse)),
+            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
+        hn.copy_(y_tm[0 if reverse else T - 1])
+        if cell_id == _LSTM:
+            cn.copy_(carry)
+        return y, hn, cn, saved, cs
     grid = (triton_cdiv(B, block_b),)
     persistent_fwd_kernel[grid](
         xp_tm, xp_tm.stride(0), xp_tm.stride(1),
@@ -96,18 +121,63 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
         y_tm, y_tm.stride(0), y_tm.stride(1),
         hn, cn, saved, cs,
         T, B, H, int(reverse),
-        CELL=cell_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
-        HAS_H0=has_h0, SAVE=save,
-        BLOCK_B=block_b, BLOCK_H=block_h,
-        DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision,
+        BLOCK_H=block_h, **constexprs,
         num_warps=num_warps, num_stages=1,
     )
     runtime.launches["persistent_fwd"] += 1
     return y, hn, cn, saved, cs
 
 
+def _run_cooperative(kernel, variant, grid, T, direction, args, sizes, constexprs, num_warps):
+    """Run a cooperative kernel over all its steps (T forward, T + 1 backward): one launch whose
+    programs meet at a grid barrier each step, or (``stepwise``) one launch per step.
+
+    The barrier counts arrivals per batch group; a program that waits past BARRIER_MAX_SPINS sets the
+    error flag and leaves, and this raises, rather than hang the GPU.
+    """
+    device = args[0].device
+    steps = T if direction == "fwd" else T + 1
+    sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    cooperative = variant == "cooperative" and steps * grid[0] < 2 ** 31  # the barrier's int32 count
+    if cooperative and device.type == "cuda":
+        full_args = (*args, sync, error, *sizes, 0, steps, BARRIER_MAX_SPINS)
+        cooperative = _all_resident(kernel, grid, full_args, constexprs, num_warps, device)
+    variant = "cooperative" if cooperative else "stepwise"
+    launches = [(0, steps)] if cooperative else [(s, s + 1) for s in range(steps)]
+    for begin, end in launches:
+        kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
+                     COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
+    runtime.launches[f"{variant}_{direction}"] += len(launches)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cooperative and not capturing and error.item():
+        raise RuntimeError(f"rnn_triton: the cooperative {direction} kernel's grid barrier timed out: its "
+                           f"{grid[0] * grid[1]} programs were not all resident on the GPU at once (another "
+                           f"kernel running concurrently?). Its outputs are invalid.")
+
+
+_resident_cache: dict = {}
+
+
+def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
+    """Whether the GPU holds all of ``grid`` at once, from the compiled kernel's own registers and
+    shared memory (the dispatcher planned with the compile check's sm_90 numbers; another Triton
+    version or GPU may differ). Compiling does not launch anything."""
+    key = (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps,
+           grid, device.index)
+    if key not in _resident_cache:
+        compiled = kernel.warmup(*args, grid=grid, COOPERATIVE=True, **constexprs, num_warps=num_warps,
+                                 num_stages=1)
+        compiled._init_handles()
+        props = dispatch.device_props(device)
+        per_sm = dispatch.resident_blocks(props, num_warps, compiled.n_regs, compiled.metadata.shared)
+        _resident_cache[key] = grid[0] * grid[1] <= props.sm_count * per_sm
+    return _resident_cache[key]
+
+
 @recurrent_fwd.register_fake
-def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, block_b, block_h, num_warps):
+def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, variant, block_b, block_h, block_u,
+      groups, num_warps):
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
@@ -122,9 +192,9 @@ def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, block_b, bloc
 @torch.library.custom_op("rnn_triton::recurrent_bwd", mutates_args=())
 def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Tensor, cs: Tensor,
                   h0: Optional[Tensor], c0: Optional[Tensor], y: Tensor, cell_id: int, reverse: bool,
-                  batch_first: bool, block_b: int, block_h: int, num_warps: int
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Persistent backward loop, then dW_hh as GEMMs over all steps.
+                  batch_first: bool, variant: str, block_b: int, block_h: int, block_u: int, groups: int,
+                  num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward time loop (the forward's variant), then dW_hh as GEMMs over all steps.
 
     Returns dxp (layout of y), dW_hh, db_hn (GRU; else empty), dh0, dc0 (LSTM; else empty).
     """
@@ -143,21 +213,36 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     if T > 0 and B > 0:
         dot_dtype, acc_dtype, precision = _precision(y.dtype, y.device)
         has_h0 = h0 is not None
-        persistent_bwd_kernel[(triton_cdiv(B, block_b),)](
-            dy_tm, dy_tm.stride(0), dy_tm.stride(1),
-            dhn.contiguous(), dcn.contiguous() if cell_id == _LSTM else dhn,
-            w_hh.contiguous(), saved, cs,
-            h0.contiguous() if has_h0 else dh0, c0.contiguous() if c0 is not None else dh0,
-            y_tm, y_tm.stride(0), y_tm.stride(1),
-            dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0,
-            T, B, H, int(reverse),
-            CELL=cell_id, NUM_GATES=G, NUM_SAVED=cell.num_saved,
-            HAS_H0=has_h0,
-            BLOCK_B=block_b, BLOCK_H=block_h,
-            DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision,
-            num_warps=num_warps, num_stages=1,
-        )
-        runtime.launches["persistent_bwd"] += 1
+        constexprs = dict(CELL=cell_id, NUM_GATES=G, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
+                          BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
+        h0_arg = h0.contiguous() if has_h0 else dh0
+        c0_arg = c0.contiguous() if c0 is not None else dh0
+        if variant == "tile-persistent":
+            persistent_bwd_kernel[(triton_cdiv(B, block_b),)](
+                dy_tm, dy_tm.stride(0), dy_tm.stride(1),
+                dhn.contiguous(), dcn.contiguous() if cell_id == _LSTM else dhn,
+                w_hh.contiguous(), saved, cs, h0_arg, c0_arg,
+                y_tm, y_tm.stride(0), y_tm.stride(1),
+                dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0,
+                T, B, H, int(reverse),
+                BLOCK_H=block_h, **constexprs,
+                num_warps=num_warps, num_stages=1,
+            )
+            runtime.launches["persistent_bwd"] += 1
+        else:
+            # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
+            acc = _acc_torch_dtype(y.dtype)
+            carry = dcn.to(acc, copy=True).contiguous() if cell_id == _LSTM else y.new_zeros(B, H, dtype=acc)
+            _run_cooperative(
+                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd",
+                (dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn.contiguous(),
+                 w_hh.view(G, H, H).transpose(1, 2).contiguous(), saved, cs,
+                 h0_arg, c0_arg, y_tm, y_tm.stride(0), y_tm.stride(1),
+                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry),
+                (T, B, H, int(reverse)),
+                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
+            if cell_id == _LSTM:
+                dc0.copy_(carry)
     else:  # no steps: the gradients pass straight through
         dh0.copy_(dhn)
         if cell_id == _LSTM:
@@ -179,8 +264,8 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
 
 
 @recurrent_bwd.register_fake
-def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, block_b, block_h,
-      num_warps):
+def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, variant, block_b, block_h,
+      block_u, groups, num_warps):
     G = _CELL_BY_ID[cell_id].num_gates
     B, H = dhn.shape
     dxp = y.new_empty(y.shape[:-1] + (G * H,))
@@ -190,14 +275,14 @@ def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, b
 
 
 def _setup_context(ctx, inputs, output):
-    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, block_b, block_h, num_warps = inputs
+    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, *config = inputs
     y, _, _, saved, cs = output
     if not save:
         ctx.unsaved = True
         return
     ctx.unsaved = False
     ctx.save_for_backward(w_hh, h0, c0, y, saved, cs)
-    ctx.args = (cell_id, reverse, batch_first, block_b, block_h, num_warps)
+    ctx.args = (cell_id, reverse, batch_first, *config)
     ctx.has_b_hn = b_hn is not None
 
 
@@ -212,7 +297,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
     dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
     dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, *ctx.args)
     return (dxp, dw_hh, db_hn if ctx.has_b_hn else None, dh0 if h0 is not None else None,
-            dc0 if c0 is not None else None) + (None,) * 7
+            dc0 if c0 is not None else None) + (None,) * 10
 
 
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -256,5 +341,6 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
     y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, spec.kernel_id, reverse, batch_first, save,
-                                    config.block_b, config.block_h, config.num_warps)
+                                    config.variant, config.block_b, config.block_h, config.block_u,
+                                    config.groups, config.num_warps)
     return y, hn, (cn if spec.kernel_id == _LSTM else None)

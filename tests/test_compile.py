@@ -54,31 +54,36 @@ def test_compiled_training_matches_eager(backend):
         assert rel_err(p, q) < 1e-5, name
 
 
-def _fwd_args(cell, with_grad):
+def _fwd_args(cell, with_grad, H=16):
+    """recurrent_fwd's arguments for a small case: H = 16 runs tile-persistent, H = 100 (RNN, float32)
+    cooperative (stepwise in the interpreter)."""
     spec = dispatch.CELLS[cell]
-    T, B, H = 5, 3, 16
-    config = dispatch.choose(cell, H, torch.float32, DEVICE).config
+    T, B = 5, 3
+    c = dispatch.choose(cell, H, torch.float32, DEVICE, B).config
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
     return (t(T, B, spec.num_gates * H), t(spec.num_gates * H, H), t(H) if cell == "GRU" else None,
             t(B, H), t(B, H) if cell == "LSTM" else None, spec.kernel_id, False, False, with_grad,
-            config.block_b, config.block_h, config.num_warps)
+            c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.num_warps)
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
-def test_opcheck_forward_op(cell):
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True))
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False))
+CASES = [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 16), ("RNN_TANH", 100)]
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-def test_opcheck_backward_op(cell):
-    args = _fwd_args(cell, False)
-    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, _, bb, bh, nw = args
+@pytest.mark.parametrize("cell,H", CASES)
+def test_opcheck_forward_op(cell, H):
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True, H))
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False, H))
+
+
+@pytest.mark.parametrize("cell,H", [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 100)])
+def test_opcheck_backward_op(cell, H):
+    args = _fwd_args(cell, False, H)
+    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, _, *config = args
     y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, True,
-                                             bb, bh, nw)
+                                             *config)
     torch.library.opcheck(ops.recurrent_bwd, (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(hn),
                                               w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first,
-                                              bb, bh, nw))
+                                              *config))
 
 
 @pytest.mark.parametrize("cell,cls,ref_cls", [("LSTM", rnn_triton.LSTM, torch.nn.LSTM),

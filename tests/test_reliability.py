@@ -6,7 +6,7 @@ import triton.language as tl
 
 import rnn_triton
 from rnn_triton import ops, runtime
-from rnn_triton.kernels.persistent import row_offsets, step_offsets
+from rnn_triton.kernels.tiles import row_offsets, step_offsets
 
 from helpers import DEVICE, compare_with_torch, interpreter_only, rel_err
 from test_modules import CELLS, _make, _supported
@@ -190,7 +190,8 @@ def test_inference_saves_nothing_for_backward(cell):
     with torch.no_grad():
         y, _, _, saved, cs = ops.recurrent_fwd(xp, module.weight_hh_l0, None, None, None,
                                                rnn_triton.dispatch.CELLS[cell].kernel_id, False, False,
-                                               False, config.block_b, config.block_h, config.num_warps)
+                                               False, config.variant, config.block_b, config.block_h,
+                                               config.block_u, config.groups, config.num_warps)
         out, _ = module(torch.randn(9, 3, 4, device=DEVICE))
     assert saved.numel() == 0 and cs.numel() == 0
     assert out.grad_fn is None

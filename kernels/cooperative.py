@@ -1,0 +1,269 @@
+"""Cooperative time loops: the hidden units are split over many programs that meet at a grid barrier.
+
+For H too large for one program to hold all of W_hh, program (u, g) owns BLOCK_U hidden units
+u*BLOCK_U .. and keeps on chip the W_hh rows of every gate for those units (forward) or the W_hh
+columns for them (backward), so the cell math of its units stays local. Each step it publishes its
+slice of the new state to global memory, and all programs of its batch group wait at a barrier
+before anyone reads the next step's full state.
+
+Forward, step s (t = s, or T-1-s when reverse), for each batch tile of the program's group:
+    h_prev = y[t-1] (all units; h0 at the first step)        written by every program at step s-1
+    a_k = xp[t]_k[units] + W_k[units, :] @ h_prev              (tl.dot, fp32 accumulation)
+    h, carry = cell_forward(a, carry)   carry: c (LSTM), the fp32 h of the program's units (GRU)
+    y[t][units] = h;  saved[t][units] = the cell's slots when SAVE
+Backward, step s = 0 .. T (the forward's steps, last first; step T only finishes dh0):
+    dh = sum_k W_k[:, units]^T @ dr_k[t_next]  (all units, published at step s-1; dLoss/dhn at s = 0)
+         + carry (GRU: the direct term z*dh) + dy[t][units]
+    dxp[t][units], carry = cell_backward(...)   carry: dc (LSTM), z*dh (GRU)
+    at step T: dh0[units] = dh
+dr_k is the gradient of gate k's recurrent part: dxp's slots, except GRU's n-slot (dqn).
+
+The carry lives in a [B, H] fp32 buffer that only its owner reads and writes, once per step, so one
+kernel body serves both launch modes:
+
+- COOPERATIVE: one launch runs every step; a grid barrier separates them (an atomic counter per batch
+  group with release/acquire ordering). Triton has no cooperative launch: all programs must be
+  resident at once, which the dispatcher promises. The spin is bounded by ``max_spins``: a program
+  that waits longer sets ``error_ptr`` and leaves, so a broken promise is an error, not a hang.
+- stepwise: one launch per step (s_begin = s, s_end = s + 1), no barrier; kernel boundaries order the
+  steps. This is how the interpreter (which runs programs one after another) checks the math, and the
+  mode used when the grid would not be resident.
+"""
+import triton
+import triton.language as tl
+
+from .cells import GRU, LSTM, cell_backward, cell_forward
+from .tiles import load_gate_tiles, load_slots, row_offsets, step_offsets, store_slots
+
+
+@triton.jit
+def _barrier_wait(counter_ptr, target, max_spins):
+    """Spin until *counter_ptr >= target (acquire), at most max_spins polls; True if it got there.
+
+    Stores made by other programs before their arrival are then visible to this program's loads
+    that bypass L1 (``.cg``): an SM's L1 is not coherent with the others.
+    """
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (arrived < target) & (spins < max_spins):
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    tl.debug_barrier()  # every thread of the program after the acquire
+    return arrived >= target
+
+
+@triton.jit
+def _barrier_arrive(counter_ptr):
+    """Count this program in (release): all its threads' stores so far happen before the count."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _rows_if(offs_b, B, cond):
+    """offs_b < B where the scalar ``cond`` holds, else no row. (Folded into the bound because the
+    interpreter types a boolean tile & a boolean scalar as int32, which a mask may not be.)"""
+    return offs_b < tl.where(cond, B, 0)
+
+
+@triton.jit
+def cooperative_fwd_kernel(
+    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, NUM_GATES*H] input projection, biases folded in
+    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
+    b_hn_ptr,                           # [H] (GRU only)
+    h0_ptr,                             # [B, H] contiguous (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output; also the published h_t
+    carry_ptr,                          # [B, H] accumulation dtype: c (LSTM) or h (GRU), in and out
+    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    sync_ptr, error_ptr,                # [groups] int32 arrivals (zeroed), [1] int32 error flag
+    T, B, H, reverse, s_begin, s_end, max_spins,
+    CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, COOPERATIVE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_u = tl.program_id(0)
+    group = tl.program_id(1)
+    num_units = tl.num_programs(0)
+    num_groups = tl.num_programs(1)
+    offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)  # this program's units
+    offs_k = tl.arange(0, BLOCK_K)                      # all units, as the dot's K
+    mask_u = offs_u < H
+    mask_k = offs_k < H
+    w0, w1, w2, w3 = load_gate_tiles(w_hh_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
+                                     DOT_DTYPE)
+    b_hn = tl.zeros([BLOCK_U, 1], ACC)
+    if CELL == GRU:
+        b_hn += tl.load(b_hn_ptr + offs_u[:, None], mask=mask_u[:, None], other=0.0).to(ACC)
+    saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
+    state_stride_t = tl.cast(B, tl.int64) * H
+    counter = sync_ptr + group
+
+    s = s_begin
+    alive = s_begin >= 0
+    while (s < s_end) & alive:
+        if COOPERATIVE:  # everyone's h_{t-1} is published
+            alive = _barrier_wait(counter, s * num_units, max_spins)
+            tl.store(error_ptr, 1, mask=alive == 0)
+        t = s + reverse * (T - 1 - 2 * s)
+        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)  # clamped; unread at s = 0
+        for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
+            offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
+            mask = mask_u[:, None] & mask_b[None, :]
+            state_offs = row_offsets(offs_b, H, offs_u)
+            # h_{t-1} of all units: y[t-1], or h0 at the first step (one load: two loads summed would
+            # keep the whole tile in registers). Other programs wrote most of it: read it from L2.
+            first = s == 0
+            h_prev_ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
+            h_prev_stride = tl.where(first, H, stride_y_b)
+            mask_prev = mask_k[:, None] & _rows_if(offs_b, B, HAS_H0 | (s > 0))[None, :]
+            h_all = tl.load(h_prev_ptr + row_offsets(offs_b, h_prev_stride, offs_k), mask=mask_prev,
+                            other=0.0, cache_modifier=".cg")
+            h_all = h_all.to(DOT_DTYPE)
+            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
+            x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t,
+                                                              row_offsets(offs_b, stride_xp_b, offs_u)),
+                                        H, mask, NUM_GATES, ACC)
+            a0 = tl.dot(w0, h_all, acc=x0, input_precision=PRECISION)
+            a1 = a0
+            a2 = a0
+            a3 = a0
+            if NUM_GATES > 1:
+                a1 = tl.dot(w1, h_all, acc=x1, input_precision=PRECISION)
+                if CELL == GRU:  # r multiplies h @ W_n^T alone
+                    a2 = tl.dot(w2, h_all, out_dtype=ACC, input_precision=PRECISION)
+                else:
+                    a2 = tl.dot(w2, h_all, acc=x2, input_precision=PRECISION)
+            if NUM_GATES > 3:
+                a3 = tl.dot(w3, h_all, acc=x3, input_precision=PRECISION)
+            h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, carry, carry)
+            y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
+            tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
+            if CELL == LSTM:
+                tl.store(carry_ptr + state_offs, c, mask=mask)
+            if CELL == GRU:
+                tl.store(carry_ptr + state_offs, h, mask=mask)
+            if SAVE:
+                store_slots(saved_ptr + step_offsets(t, saved_stride_t, row_offsets(offs_b, NUM_SAVED * H, offs_u)),
+                            H, mask, NUM_SAVED, s0, s1, s2, s3)
+                if CELL == LSTM:
+                    tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
+        if COOPERATIVE:
+            _barrier_arrive(counter)
+        s += 1
+
+
+@triton.jit
+def cooperative_bwd_kernel(
+    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, H] dLoss/dy
+    dhn_ptr,                            # [B, H] dLoss/dhn, contiguous
+    w_t_ptr,                            # [NUM_GATES*H, H]: W_k^T stacked (w_t[k*H + u, j] = W_hh[k*H + j, u])
+    saved_ptr, cs_ptr,                  # from the forward (SAVE)
+    h0_ptr, c0_ptr,                     # [B, H] initial states (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # forward output (GRU reads h_{t-1} from it)
+    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp; also published
+    dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
+    dh0_ptr,                            # [B, H] out
+    carry_ptr,                          # [B, H] accumulation dtype: dc (LSTM), z*dh (GRU), in and out
+    sync_ptr, error_ptr,                # as in the forward
+    T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
+    CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
+    HAS_H0: tl.constexpr, COOPERATIVE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_u = tl.program_id(0)
+    group = tl.program_id(1)
+    num_units = tl.num_programs(0)
+    num_groups = tl.num_programs(1)
+    offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_u = offs_u < H
+    mask_k = offs_k < H
+    # W_k[:, units]^T = W_k^T[units, :], read row-major from W_hh's per-gate transpose: the same
+    # access as the forward's, which keeps the tiles in shared memory (W_k[:, units] read directly
+    # is contiguous only along 16 units, and the tiles then spill at H = 1024).
+    w0, w1, w2, w3 = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
+                                     DOT_DTYPE)
+    saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
+    state_stride_t = tl.cast(B, tl.int64) * H
+    counter = sync_ptr + group
+
+    s = s_begin
+    alive = s_begin >= 0
+    while (s < s_end) & alive:
+        if COOPERATIVE:  # everyone's gate gradients of step s-1 are published
+            alive = _barrier_wait(counter, s * num_units, max_spins)
+            tl.store(error_ptr, 1, mask=alive == 0)
+        active = s < T  # step T only gathers dh0
+        t_raw = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's step; off the end at s = T
+        t = tl.minimum(tl.maximum(t_raw, 0), T - 1)  # clamped, so every address stays in bounds
+        t_next = tl.minimum(tl.maximum(t_raw + 1 - 2 * reverse, 0), T - 1)  # step s-1's t
+        t_prev = tl.minimum(tl.maximum(t_raw - 1 + 2 * reverse, 0), T - 1)  # the state before step t
+        has_prev = s < T - 1
+        for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
+            offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
+            mask = mask_u[:, None] & mask_b[None, :]
+            mask_all = mask_k[:, None] & _rows_if(offs_b, B, s > 0)[None, :]  # nothing before step 0
+            state_offs = row_offsets(offs_b, H, offs_u)
+            # dh = sum_k W_k[:, units]^T @ dr_k of step s-1, all units, read from L2.
+            dr_offs = step_offsets(t_next, stride_dxp_t, row_offsets(offs_b, stride_dxp_b, offs_k))
+            dr = tl.load(dxp_ptr + dr_offs, mask=mask_all, other=0.0, cache_modifier=".cg")
+            dh = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+            if NUM_GATES > 1:
+                dr = tl.load(dxp_ptr + dr_offs + H, mask=mask_all, other=0.0, cache_modifier=".cg")
+                dh = tl.dot(w1, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+                if CELL == GRU:
+                    dq_offs = step_offsets(t_next, state_stride_t, row_offsets(offs_b, H, offs_k))
+                    dr = tl.load(dqn_ptr + dq_offs, mask=mask_all, other=0.0, cache_modifier=".cg")
+                else:
+                    dr = tl.load(dxp_ptr + dr_offs + 2 * H, mask=mask_all, other=0.0, cache_modifier=".cg")
+                dh = tl.dot(w2, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+            if NUM_GATES > 3:
+                dr = tl.load(dxp_ptr + dr_offs + 3 * H, mask=mask_all, other=0.0, cache_modifier=".cg")
+                dh = tl.dot(w3, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+            dh += tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & _rows_if(offs_b, B, s == 0)[None, :],
+                          other=0.0).to(ACC)
+            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
+            if CELL == GRU:
+                dh += carry
+            tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty),
+                     mask=mask_u[:, None] & _rows_if(offs_b, B, s == T)[None, :])
+
+            step = mask_u[:, None] & _rows_if(offs_b, B, active)[None, :]
+            dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, row_offsets(offs_b, stride_dy_b, offs_u)),
+                          mask=step, other=0.0).to(ACC)
+            s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t,
+                                                                 row_offsets(offs_b, NUM_SAVED * H, offs_u)),
+                                        H, step, NUM_SAVED, ACC)
+            state0 = tl.zeros([BLOCK_U, BLOCK_B], ACC)  # the state before the first step
+            if HAS_H0:
+                if CELL == LSTM:
+                    state0 = tl.load(c0_ptr + state_offs, mask=step, other=0.0).to(ACC)
+                if CELL == GRU:
+                    state0 = tl.load(h0_ptr + state_offs, mask=step, other=0.0).to(ACC)
+            c_new = state0
+            prev = state0
+            if CELL == LSTM:
+                c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0)
+                prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step,
+                               other=0.0)
+            if CELL == GRU:
+                prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u)),
+                               mask=step, other=0.0).to(ACC)
+            prev = tl.where(has_prev, prev, state0)
+            d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, carry, s0, s1, s2, s3, c_new, prev,
+                                                              prev)
+            dxp_offs = step_offsets(t, stride_dxp_t, row_offsets(offs_b, stride_dxp_b, offs_u))
+            store_slots(dxp_ptr + dxp_offs, H, step, NUM_GATES, d0, d1, d2, d3)
+            if CELL == GRU:
+                tl.store(dqn_ptr + step_offsets(t, state_stride_t, state_offs),
+                         dq2.to(dqn_ptr.dtype.element_ty), mask=step)
+                tl.store(carry_ptr + state_offs, dh_direct, mask=step)
+            if CELL == LSTM:
+                tl.store(carry_ptr + state_offs, dc, mask=step)
+        if COOPERATIVE:
+            _barrier_arrive(counter)
+        s += 1
