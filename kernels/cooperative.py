@@ -18,6 +18,10 @@ Backward, step s = 0 .. T (the forward's steps, last first; step T only finishes
     at step T: dh0[units] = dh
 dr_k is the gradient of gate k's recurrent part: dxp's slots, except GRU's n-slot (dqn).
 
+The backward keeps its W_hh^T rows on chip (W_CHUNK = 0) or, where four gates' worth would spill
+(LSTM and GRU beyond H = 512), re-reads them every step in chunks of W_CHUNK columns through the cache:
+a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2.
+
 The carry lives in a [B, H] fp32 buffer that only its owner reads and writes, once per step, so one
 kernel body serves both launch modes:
 
@@ -131,13 +135,15 @@ def cooperative_fwd_kernel(
             a3 = a0
             if NUM_GATES > 1:
                 a1 = tl.dot(w1, h_all, acc=x1, input_precision=PRECISION)
-                if CELL == GRU:  # r multiplies h @ W_n^T alone
-                    a2 = tl.dot(w2, h_all, out_dtype=ACC, input_precision=PRECISION)
+                if CELL == GRU:  # q = h @ W_n^T + b_hn, which r multiplies (b_hn as the accumulator:
+                    # a dot without one spills at H = 1024)
+                    a2 = tl.dot(w2, h_all, acc=tl.zeros([BLOCK_U, BLOCK_B], ACC) + b_hn,
+                                input_precision=PRECISION)
                 else:
                     a2 = tl.dot(w2, h_all, acc=x2, input_precision=PRECISION)
             if NUM_GATES > 3:
                 a3 = tl.dot(w3, h_all, acc=x3, input_precision=PRECISION)
-            h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, carry, carry)
+            h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, 0.0, carry, carry)  # b_hn is in a2
             y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
             tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
             if CELL == LSTM:
@@ -152,6 +158,32 @@ def cooperative_fwd_kernel(
         if COOPERATIVE:
             _barrier_arrive(counter)
         s += 1
+
+
+@triton.jit
+def _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, offs_b, rows, offs_j,
+            mask_j, H, CELL: tl.constexpr, NUM_GATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """sum_k w_k @ dr_k[t][units j] (w_k: [units, j] tiles of W_k^T): the part of dLoss/dh_{t-1} that
+    flows through the units j of every gate. dr_k: dxp's slots, GRU's n-slot from dqn. Other programs
+    wrote most of it: read from L2."""
+    mask = mask_j[:, None] & rows[None, :]
+    offs = step_offsets(t, stride_t, row_offsets(offs_b, stride_b, offs_j))
+    dr = tl.load(dxp_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    dh = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+    if NUM_GATES > 1:
+        dr = tl.load(dxp_ptr + offs + H, mask=mask, other=0.0, cache_modifier=".cg")
+        dh = tl.dot(w1, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+        if CELL == GRU:
+            dr = tl.load(dqn_ptr + step_offsets(t, state_stride_t, row_offsets(offs_b, H, offs_j)), mask=mask,
+                         other=0.0, cache_modifier=".cg")
+        else:
+            dr = tl.load(dxp_ptr + offs + 2 * H, mask=mask, other=0.0, cache_modifier=".cg")
+        dh = tl.dot(w2, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+    if NUM_GATES > 3:
+        dr = tl.load(dxp_ptr + offs + 3 * H, mask=mask, other=0.0, cache_modifier=".cg")
+        dh = tl.dot(w3, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+    return dh
 
 
 @triton.jit
@@ -170,7 +202,7 @@ def cooperative_bwd_kernel(
     T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, COOPERATIVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
@@ -184,8 +216,9 @@ def cooperative_bwd_kernel(
     # W_k[:, units]^T = W_k^T[units, :], read row-major from W_hh's per-gate transpose: the same
     # access as the forward's, which keeps the tiles in shared memory (W_k[:, units] read directly
     # is contiguous only along 16 units, and the tiles then spill at H = 1024).
-    w0, w1, w2, w3 = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
-                                     DOT_DTYPE)
+    if W_CHUNK == 0:
+        w0, w1, w2, w3 = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
+                                         DOT_DTYPE)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
     counter = sync_ptr + group
@@ -208,22 +241,21 @@ def cooperative_bwd_kernel(
             mask = mask_u[:, None] & mask_b[None, :]
             mask_all = mask_k[:, None] & _rows_if(offs_b, B, s > 0)[None, :]  # nothing before step 0
             state_offs = row_offsets(offs_b, H, offs_u)
-            # dh = sum_k W_k[:, units]^T @ dr_k of step s-1, all units, read from L2.
-            dr_offs = step_offsets(t_next, stride_dxp_t, row_offsets(offs_b, stride_dxp_b, offs_k))
-            dr = tl.load(dxp_ptr + dr_offs, mask=mask_all, other=0.0, cache_modifier=".cg")
-            dh = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
-            if NUM_GATES > 1:
-                dr = tl.load(dxp_ptr + dr_offs + H, mask=mask_all, other=0.0, cache_modifier=".cg")
-                dh = tl.dot(w1, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
-                if CELL == GRU:
-                    dq_offs = step_offsets(t_next, state_stride_t, row_offsets(offs_b, H, offs_k))
-                    dr = tl.load(dqn_ptr + dq_offs, mask=mask_all, other=0.0, cache_modifier=".cg")
-                else:
-                    dr = tl.load(dxp_ptr + dr_offs + 2 * H, mask=mask_all, other=0.0, cache_modifier=".cg")
-                dh = tl.dot(w2, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
-            if NUM_GATES > 3:
-                dr = tl.load(dxp_ptr + dr_offs + 3 * H, mask=mask_all, other=0.0, cache_modifier=".cg")
-                dh = tl.dot(w3, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+            # dh = sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
+            rows_prev = _rows_if(offs_b, B, s > 0)  # nothing before step 0
+            if W_CHUNK == 0:
+                dh = _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b, state_stride_t,
+                             offs_b, rows_prev, offs_k, mask_k, H, CELL, NUM_GATES, DOT_DTYPE, ACC, PRECISION)
+            else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
+                dh = tl.zeros([BLOCK_U, BLOCK_B], ACC)
+                for k0 in range(0, H, W_CHUNK):
+                    offs_c = k0 + tl.arange(0, W_CHUNK)
+                    mask_c = offs_c < H
+                    c0_, c1_, c2_, c3_ = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_c, mask_c, False,
+                                                         NUM_GATES, DOT_DTYPE)
+                    dh += _gather(c0_, c1_, c2_, c3_, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b,
+                                  state_stride_t, offs_b, rows_prev, offs_c, mask_c, H, CELL, NUM_GATES,
+                                  DOT_DTYPE, ACC, PRECISION)
             dh += tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & _rows_if(offs_b, B, s == 0)[None, :],
                           other=0.0).to(ACC)
             carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)

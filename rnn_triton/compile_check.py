@@ -71,7 +71,8 @@ def _signature(fn, dtype, constexprs):
 
 
 def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
-                num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0) -> Result:
+                num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0,
+                w_chunk: int = 0) -> Result:
     """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent) or coop_fwd / coop_bwd
     (cooperative, built with its barrier). ``aligned`` mirrors the launch-time specialisation Triton
     applies when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16.
@@ -93,6 +94,8 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
                       HAS_H0=True, BLOCK_B=block_b, DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
     if kernel.startswith("coop"):
         constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, COOPERATIVE=True)
+        if kernel == "coop_bwd":
+            constexprs["W_CHUNK"] = w_chunk
     else:
         constexprs.update(BLOCK_H=block_h)
     if kernel.endswith("fwd"):
@@ -152,19 +155,19 @@ def dispatcher_configs(probe: bool = False):
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
     for (cell, dtype), table in COOP_CONFIGS.items():
-        entries = [(bk, c.num_warps, (True, False) if c.any_h else (True,)) for bk, c in table.items()]
+        entries = [(bk, c, (True, False) if c.any_h else (True,)) for bk, c in table.items()]
         if probe:
             top = max(table)
-            entries.append((2 * top, table[top].num_warps, (True,)))
+            entries.append((2 * top, table[top], (True,)))
             if not table[top].any_h:
-                entries.append((top, table[top].num_warps, (False,)))
+                entries.append((top, table[top], (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for block_k, warps, alignments in entries:
+        for block_k, c, alignments in entries:
             for kernel in ("coop_fwd", "coop_bwd"):
                 for aligned in alignments:
                     for precision in precisions:
-                        configs.append((kernel, cell, dtype, block_k, BLOCK_B, warps, aligned, precision,
-                                        BLOCK_U))
+                        configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, aligned, precision,
+                                        BLOCK_U, c.w_chunk))
     return configs
 
 

@@ -75,6 +75,7 @@ class CoopConfig:
     any_h: bool         # False: only H a multiple of 16 (other H spill at this BLOCK_K)
     registers: int      # per thread
     shared_bytes: int   # per program
+    w_chunk: int = 0    # backward: 0 keeps W_hh^T on chip; else re-read per step, this many columns at a time
 
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,14 +87,16 @@ BLOCK_U = 16
 _C = CoopConfig
 _K = 1024
 _LSTM_COOP = {128: _C(8, True, 192, 21 * _K), 256: _C(8, True, 208, 41 * _K),
-              512: _C(8, False, 200, 81 * _K)}
-_GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K)}
+              512: _C(8, False, 200, 81 * _K), 1024: _C(8, False, 128, 161 * _K, w_chunk=128)}
+_GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K),
+             1024: _C(8, False, 128, 129 * _K, w_chunk=128)}
 _RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K), 512: _C(8, True, 96, 33 * _K),
                   1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K)}
 _RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K),
                   512: _C(8, True, 80, 65 * _K), 1024: _C(8, True, 128, 129 * _K)}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
-#: of two): CoopConfig}, read off the sm_90 compile check (float32 LSTM and GRU spill at any size).
+#: of two): CoopConfig}, read off the sm_90 compile check. Float32 LSTM and GRU spill at any size
+#: (no tensor-core dot); LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
 COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
@@ -116,6 +119,7 @@ class KernelConfig:
     num_warps: int
     block_u: int = 0  # cooperative / stepwise: hidden units per program
     groups: int = 0   # cooperative / stepwise: programs along the batch (each takes every groups-th tile)
+    w_chunk: int = 0  # cooperative / stepwise backward: see CoopConfig
 
 
 @dataclass(frozen=True)
@@ -212,10 +216,10 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     units = -(-hidden_size // BLOCK_U)
     tiles = -(-max(batch, 1) // BLOCK_B)
     if device.type == "cpu":  # the interpreter runs programs one after another: no barrier between them
-        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles))
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
     props = props or device_props(device)
     capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
-        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles))
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
-                             min(tiles, capacity // units)))
+                             min(tiles, capacity // units), coop.w_chunk))

@@ -66,8 +66,8 @@ def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first):
 @torch.library.custom_op("rnn_triton::recurrent_fwd", mutates_args=())
 def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional[Tensor],
                   c0: Optional[Tensor], cell_id: int, reverse: bool, batch_first: bool, save: bool,
-                  variant: str, block_b: int, block_h: int, block_u: int, groups: int, num_warps: int
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  variant: str, block_b: int, block_h: int, block_u: int, groups: int, w_chunk: int,
+                  num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward time loop (``variant``: see ``dispatch.KernelConfig``). xp: [T, B, G*H] (or [B, T, G*H]
     when batch_first).
 
@@ -177,7 +177,7 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
 
 @recurrent_fwd.register_fake
 def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, variant, block_b, block_h, block_u,
-      groups, num_warps):
+      groups, w_chunk, num_warps):
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
@@ -193,7 +193,7 @@ def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, variant, bloc
 def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Tensor, cs: Tensor,
                   h0: Optional[Tensor], c0: Optional[Tensor], y: Tensor, cell_id: int, reverse: bool,
                   batch_first: bool, variant: str, block_b: int, block_h: int, block_u: int, groups: int,
-                  num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  w_chunk: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward time loop (the forward's variant), then dW_hh as GEMMs over all steps.
 
     Returns dxp (layout of y), dW_hh, db_hn (GRU; else empty), dh0, dc0 (LSTM; else empty).
@@ -240,7 +240,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                  h0_arg, c0_arg, y_tm, y_tm.stride(0), y_tm.stride(1),
                  dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry),
                 (T, B, H, int(reverse)),
-                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
+                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk), num_warps)
             if cell_id == _LSTM:
                 dc0.copy_(carry)
     else:  # no steps: the gradients pass straight through
@@ -265,7 +265,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
 
 @recurrent_bwd.register_fake
 def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, variant, block_b, block_h,
-      block_u, groups, num_warps):
+      block_u, groups, w_chunk, num_warps):
     G = _CELL_BY_ID[cell_id].num_gates
     B, H = dhn.shape
     dxp = y.new_empty(y.shape[:-1] + (G * H,))
@@ -297,7 +297,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
     dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
     dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, *ctx.args)
     return (dxp, dw_hh, db_hn if ctx.has_b_hn else None, dh0 if h0 is not None else None,
-            dc0 if c0 is not None else None) + (None,) * 10
+            dc0 if c0 is not None else None) + (None,) * 11
 
 
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -342,5 +342,5 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
     y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, spec.kernel_id, reverse, batch_first, save,
                                     config.variant, config.block_b, config.block_h, config.block_u,
-                                    config.groups, config.num_warps)
+                                    config.groups, config.w_chunk, config.num_warps)
     return y, hn, (cn if spec.kernel_id == _LSTM else None)

@@ -63,7 +63,7 @@ def _fwd_args(cell, with_grad, H=16):
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
     return (t(T, B, spec.num_gates * H), t(spec.num_gates * H, H), t(H) if cell == "GRU" else None,
             t(B, H), t(B, H) if cell == "LSTM" else None, spec.kernel_id, False, False, with_grad,
-            c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.num_warps)
+            c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.w_chunk, c.num_warps)
 
 
 CASES = [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 16), ("RNN_TANH", 100)]

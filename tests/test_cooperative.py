@@ -61,8 +61,8 @@ def _layer_case(cell, H, B, T, config, with_state=True, reverse=False, I=5):
     assert runtime.launches[f"{config.variant}_bwd"] > before.get(f"{config.variant}_bwd", 0)
 
 
-def _config(variant, H, groups=1):
-    return KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups)
+def _config(variant, H, groups=1, w_chunk=0):
+    return KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk)
 
 
 @interpreter_only
@@ -73,6 +73,14 @@ def test_stepwise_float64(cell, H):
     (H = 200) and every gradient. B = 19 makes two batch tiles, the second partial; with groups = 1 one
     program walks both tiles, as a cooperative program does."""
     _layer_case(cell, H, 19, 4, _config("stepwise", H, groups=1), with_state=H != 256, reverse=H == 320)
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", CELLS)
+def test_stepwise_float64_weights_from_the_cache(cell):
+    """The backward that re-reads W_hh^T each step, 128 columns at a time (H = 300: two full chunks and
+    a partial one), as LSTM H = 1024 runs it."""
+    _layer_case(cell, 300, 5, 3, _config("stepwise", 300, groups=1, w_chunk=128))
 
 
 @interpreter_only
@@ -157,6 +165,7 @@ def test_dispatcher_targets_on_an_h200():
     choose = lambda cell, H, B=16: dispatch.choose(cell, H, torch.bfloat16, CUDA, B, H200).config  # noqa
     assert choose("LSTM", 128).variant == "tile-persistent"
     assert choose("LSTM", 512).variant == "cooperative"
+    assert choose("LSTM", 768).variant == "cooperative" and choose("LSTM", 768).w_chunk > 0
     assert choose("GRU", 512).variant == "cooperative"
     assert choose("RNN_TANH", 2048).variant == "cooperative"
     assert choose("RNN_TANH", 2048, B=1).groups == 1
@@ -171,7 +180,8 @@ def test_interpreter_plans_stepwise():
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cooperative launch needs a GPU (all programs resident)")
-@pytest.mark.parametrize("cell,H", [("LSTM", 512), ("GRU", 512), ("RNN_TANH", 2048), ("RNN_RELU", 1024)])
+@pytest.mark.parametrize("cell,H", [("LSTM", 512), ("LSTM", 768), ("GRU", 512), ("GRU", 1024),
+                                    ("RNN_TANH", 2048), ("RNN_RELU", 1024)])
 def test_cooperative_on_gpu_is_right_and_bitwise_repeatable(cell, H, seed):
     """Compiled, on the GPU, with the grid barrier: against torch.nn in float64, then 20 runs of forward
     and backward bitwise identical (a result that moves between runs is a race at the barrier)."""

@@ -28,7 +28,10 @@ def test_limits_per_dtype():
     assert not dispatch.choose("LSTM", 40, torch.float32, CUDA).uses_triton
     assert not dispatch.choose("LSTM", 128, torch.float32, CUDA).uses_triton  # nor cooperatively
     assert "limit" in dispatch.choose("LSTM", 128, torch.float32, CUDA).reason
-    assert not dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).uses_triton
+    assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
+    assert not dispatch.choose("LSTM", 1000, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
+    assert dispatch.choose("GRU", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
+    assert not dispatch.choose("GRU", 2048, torch.bfloat16, CUDA, props=h200).uses_triton
     assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
 
 
