@@ -25,12 +25,17 @@ registers every step and spill at H = 128.
 
 Sizes need not be powers of two: tiles are padded to BLOCK_H / BLOCK_B and every load and store is
 masked. Offsets along T and B are computed in 64 bits.
+
+Variable lengths (HAS_LENGTHS, a packed sequence): row b has length L_b. Its s-th step is t = s, or
+t = L_b - 1 - s in reverse; past its length a row neither reads nor writes, and keeps its state (the
+forward: h, c, so hn is its last state; the backward: dh, dc). So a packed batch costs what the
+padded one does, and nothing is computed for the padding.
 """
 import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_gate_tiles, load_slots, row_offsets, step_offsets, store_slots
+from .tiles import load_gate_tiles, load_slots, row_offsets, row_steps, step_offsets, store_slots
 
 
 @triton.jit
@@ -42,9 +47,10 @@ def persistent_fwd_kernel(
     y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output
     hn_ptr, cn_ptr,                     # [B, H] final states
     saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
     T, B, H, reverse,                   # reverse: 1 runs the steps last to first (bidirectional's 2nd)
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -71,9 +77,13 @@ def persistent_fwd_kernel(
     saved_rows = row_offsets(offs_b, NUM_SAVED * H, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
+    lengths = tl.zeros([BLOCK_B], tl.int32) + T
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
     for s in range(T):
-        t = s + reverse * (T - 1 - 2 * s)
-        x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, mask, NUM_GATES,
+        t, live = row_steps(s, lengths, reverse, T)
+        step = mask & live  # a row past its length keeps its state and writes nothing
+        x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES,
                                      ACC)
         hd = h.to(DOT_DTYPE)
         # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
@@ -90,15 +100,16 @@ def persistent_fwd_kernel(
                 a2 = tl.dot(w2, hd, acc=x2, input_precision=PRECISION)
         if NUM_GATES > 3:
             a3 = tl.dot(w3, hd, acc=x3, input_precision=PRECISION)
-        h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, h, c)
-        # Padded lanes must stay finite zeros: they are the K dimension of the next step's dot.
-        h = tl.where(mask, h, 0.0)
-        tl.store(y_ptr + step_offsets(t, stride_y_t, y_rows), h.to(y_ptr.dtype.element_ty), mask=mask)
+        h_new, c_new, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, h, c)
+        # Padded lanes stay finite zeros: they are the K dimension of the next step's dot.
+        h = tl.where(step, h_new, h)
+        c = tl.where(step, c_new, c)
+        tl.store(y_ptr + step_offsets(t, stride_y_t, y_rows), h.to(y_ptr.dtype.element_ty), mask=step)
         if SAVE:
-            store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask, NUM_SAVED,
-                         s0, s1, s2, s3)
+            store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step, NUM_SAVED,
+                        s0, s1, s2, s3)
             if CELL == LSTM:
-                tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
+                tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=step)
 
     tl.store(hn_ptr + state_offs, h.to(hn_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:
@@ -116,9 +127,10 @@ def persistent_bwd_kernel(
     dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp
     dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
     dh0_ptr, dc0_ptr,                   # [B, H] out
+    lengths_ptr,                        # as in the forward
     T, B, H, reverse,                   # as in the forward
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -147,36 +159,45 @@ def persistent_bwd_kernel(
     dxp_rows = row_offsets(offs_b, stride_dxp_b, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
+    lengths = tl.zeros([BLOCK_B], tl.int32) + T
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
     for s in range(T):
-        t = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's steps, last first
-        t_prev = t - 1 + 2 * reverse  # the step before t in the forward's order
-        has_prev = s < T - 1
-        # Clamped so the load stays in bounds; at the first step of the forward, state0 replaces it.
-        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
-        dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=mask, other=0.0).to(ACC)
-        s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, mask,
-                                     NUM_SAVED, ACC)
+        fs = T - 1 - s  # the forward's steps, last first
+        t, live = row_steps(fs, lengths, reverse, T)
+        step = mask & live  # a row without this step passes dh and dc through unchanged
+        # The step before t in the forward's order (clamped; at the first step state0 replaces it).
+        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)
+        has_prev = fs > 0
+        dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=step, other=0.0).to(ACC)
+        s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step,
+                                    NUM_SAVED, ACC)
         c_new = state0
         prev = state0
         if CELL == LSTM:
-            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=mask, other=0.0)
-            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=mask, other=0.0)
+            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0)
+            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step, other=0.0)
         if CELL == GRU:
-            prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=mask, other=0.0).to(ACC)
+            prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=step, other=0.0).to(ACC)
         prev = tl.where(has_prev, prev, state0)
-        d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev, prev)
-        store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, mask, NUM_GATES, d0, d1, d2, d3)
+        d0, d1, d2, d3, dq2, dh_direct, dc_prev = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev,
+                                                                prev)
+        store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, step, NUM_GATES, d0, d1, d2, d3)
         if CELL == GRU:
             tl.store(dqn_ptr + step_offsets(t, state_stride_t, state_offs), dq2.to(dqn_ptr.dtype.element_ty),
-                     mask=mask)
-        dh = tl.dot(w0, d0.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+                     mask=step)
+        dh_prev = tl.dot(w0, d0.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if NUM_GATES > 1:
-            dh += tl.dot(w1, d1.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
-            dh += tl.dot(w2, dq2.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+            dh_prev += tl.dot(w1, d1.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+            dh_prev += tl.dot(w2, dq2.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if NUM_GATES > 3:
-            dh += tl.dot(w3, d3.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+            dh_prev += tl.dot(w3, d3.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if CELL == GRU:
-            dh += dh_direct
+            dh_prev += dh_direct
+        # Batch rows are the dot's N: a column depends on its own row only, so rows (and padded lanes)
+        # without this step keep what they had.
+        dh = tl.where(step, dh_prev, dh)
+        dc = tl.where(step, dc_prev, dc)
 
     tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:

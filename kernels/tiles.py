@@ -70,3 +70,14 @@ def store_slots(ptr, H, mask, NUM: tl.constexpr, s0, s1, s2, s3):
         tl.store(ptr + 2 * H, s2.to(ptr.dtype.element_ty), mask=mask)
     if NUM > 3:
         tl.store(ptr + 3 * H, s3.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_steps(s, lengths, reverse, T):
+    """Each batch row's time index at its s-th step, and whether it has an s-th step, as [1, BLOCK_B]
+    tiles: t = s, or length - 1 - s when reverse (a sequence shorter than T runs backwards from its own
+    last element, as torch.nn does with packed input); a row has a step while s < length.
+    t is clamped into [0, T) so that every address stays in bounds."""
+    t = s + reverse * (lengths - 1 - 2 * s)
+    t = tl.minimum(tl.maximum(t, 0), T - 1)
+    return t[None, :], (s < lengths)[None, :]

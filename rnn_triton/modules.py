@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch, runtime
 from .ops import recurrent_layer
@@ -19,8 +19,6 @@ class _TritonRecurrent:
 
     def _module_limit(self, input) -> str | None:
         """Why this module's configuration or this input cannot run on the kernels, or None."""
-        if isinstance(input, PackedSequence):
-            return "PackedSequence input is not supported yet"
         if getattr(self, "proj_size", 0) > 0:
             return "proj_size > 0 is not supported yet"
         return None
@@ -58,17 +56,29 @@ class _TritonRecurrent:
         return not isinstance(hx, torch.Tensor)
 
     def kernel_plan(self, input) -> dispatch.Plan:
-        """The kernel this module would run for ``input``, or the reason it would fall back to torch."""
+        """The kernel this module would run for ``input`` (a tensor or a PackedSequence), or the reason
+        it would fall back to torch."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
         reason = self._module_limit(input)
-        if reason is None and self._invalid_input(input, None):
+        if reason is None and (self._invalid_input(data, None) or (packed and data.dim() != 2)):
             reason = "input does not match the module (rank, dtype or device): torch.nn raises"
         if reason is not None:
             return dispatch.Plan(None, reason)
-        dtype = self._autocast_dtype(input) or input.dtype
-        batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, input.device, batch)
+        dtype = self._autocast_dtype(data) or data.dtype
+        if packed:
+            batch = int(input.batch_sizes[0])
+        else:
+            batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
+        plan = dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch)
+        if packed and plan.uses_triton and plan.config.variant != "tile-persistent":
+            return dispatch.Plan(None, f"PackedSequence input runs on the tile-persistent kernel only; "
+                                       f"hidden_size={self.hidden_size} needs the {plan.config.variant} one")
+        return plan
 
     def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
         if self._invalid_input(input, hx):
             return super().forward(input, hx)
         plan = self.kernel_plan(input)
@@ -101,14 +111,50 @@ class _TritonRecurrent:
         # Under autocast the casts are done: none inside. (No context otherwise: export keeps it.)
         device = input.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            y, hn, cn = self._layers(input, hx, plan.config, cast)
+            y, hn, cn = self._layers(input, hx, plan.config, cast, self.batch_first)
         if not batched:
             y = y.squeeze(0 if self.batch_first else 1)
             hn = hn.squeeze(1)
             cn = None if cn is None else cn.squeeze(1)
         return (y, (hn, cn)) if is_lstm else (y, hn)
 
-    def _layers(self, x, hx, config, cast):
+    def _forward_packed(self, input, hx):
+        """A PackedSequence in and out, as torch.nn. The sequences run padded to the longest, each row
+        stopping at its own length inside the kernel (y is zero past it, h_n is its last state, the
+        reverse direction starts from its own last element), in the batch's original order; the output
+        is packed with the input's batch sizes and indices."""
+        data = input.data
+        if self._invalid_input(data, hx) or data.dim() != 2:
+            return super().forward(input, hx)
+        plan = self.kernel_plan(input)
+        if not plan.uses_triton:
+            if runtime.strict():
+                raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
+            return super().forward(input, hx)
+        is_lstm = self.mode == "LSTM"
+        if hx is not None:
+            _check_state_dtypes(hx, is_lstm, data, self._autocast_dtype(data) is not None)
+            _check_state_ranks(hx, True, is_lstm)
+        # torch.nn's own checks, with its messages and exception types.
+        self.check_forward_args(data, hx, input.batch_sizes) if hx is not None else \
+            self.check_input(data, input.batch_sizes)
+        x, lengths = pad_packed_sequence(input)  # [T, B, I] and lengths, both in the original order
+        cast = self._autocast_dtype(data)
+        if cast is not None:
+            x = x.to(cast)
+            hx = None if hx is None else (tuple(h.to(cast) for h in hx) if is_lstm else hx.to(cast))
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            y, hn, cn = self._layers(x, hx, plan.config, cast, False,
+                                     lengths.to(device=x.device, dtype=torch.int32))
+        order = input.sorted_indices
+        if order is not None:  # pack in the input's order (ties in length stay where they were)
+            y, lengths = y.index_select(1, order), lengths[order.cpu()]
+        out = PackedSequence(pack_padded_sequence(y, lengths).data, input.batch_sizes, input.sorted_indices,
+                             input.unsorted_indices)
+        return (out, (hn, cn)) if is_lstm else (out, hn)
+
+    def _layers(self, x, hx, config, cast, batch_first, lengths=None):
         """Every layer and direction, in torch.nn's order: h_n[k] is layer k // D, direction k % D.
 
         Each (layer, direction) is one persistent launch (one per step when stepwise); the reverse
@@ -130,8 +176,8 @@ class _TritonRecurrent:
                 h0 = c0 = None
                 if hx is not None:
                     h0, c0 = (hx[0][k], hx[1][k]) if is_lstm else (hx[k], None)
-                y, hn, cn = recurrent_layer(self.mode, x, *weights, h0, c0, config, self.batch_first,
-                                            reverse=direction == 1)
+                y, hn, cn = recurrent_layer(self.mode, x, *weights, h0, c0, config, batch_first,
+                                            reverse=direction == 1, lengths=lengths)
                 outputs.append(y)
                 hns.append(hn)
                 cns.append(cn)

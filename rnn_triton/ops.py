@@ -65,23 +65,30 @@ def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first):
 
 @torch.library.custom_op("rnn_triton::recurrent_fwd", mutates_args=())
 def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional[Tensor],
-                  c0: Optional[Tensor], cell_id: int, reverse: bool, batch_first: bool, save: bool,
+                  c0: Optional[Tensor], lengths: Optional[Tensor], cell_id: int, reverse: bool,
+                  batch_first: bool, save: bool,
                   variant: str, block_b: int, block_h: int, block_u: int, groups: int, w_chunk: int,
                   num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward time loop (``variant``: see ``dispatch.KernelConfig``). xp: [T, B, G*H] (or [B, T, G*H]
     when batch_first).
+
+    ``lengths`` (int32 [B], on xp's device, each in 1..T): per-row sequence lengths, as a packed
+    sequence has; a row stops at its length (y is zero past it, hn is its last state), and in reverse
+    it starts from its own last element. Tile-persistent variant only.
 
     Returns y (layout of xp), hn [B, H], cn [B, H] (LSTM; else empty), and, when ``save``, the
     per-step slots and cell states backward needs (else empty).
     """
     cell = _CELL_BY_ID[cell_id]
     _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
+    torch._check(lengths is None or variant == "tile-persistent",
+                 lambda: "per-row lengths run on the tile-persistent kernel only")
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
         xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
     T, B, _ = xp_tm.shape
     H = w_hh.shape[1]
-    y = xp.new_empty(xp.shape[:-1] + (H,))
+    y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (H,))  # zero past each length
     y_tm = _time_major(y, batch_first)
     hn = xp.new_empty(B, H)
     cn = xp.new_empty(B, H) if cell_id == _LSTM else xp.new_empty(0)
@@ -119,9 +126,9 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
         w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
         h0.contiguous() if has_h0 else hn, c0.contiguous() if c0 is not None else hn,
         y_tm, y_tm.stride(0), y_tm.stride(1),
-        hn, cn, saved, cs,
+        hn, cn, saved, cs, lengths if lengths is not None else hn,
         T, B, H, int(reverse),
-        BLOCK_H=block_h, **constexprs,
+        BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, **constexprs,
         num_warps=num_warps, num_stages=1,
     )
     runtime.launches["persistent_fwd"] += 1
@@ -176,8 +183,8 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
 
 
 @recurrent_fwd.register_fake
-def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, variant, block_b, block_h, block_u,
-      groups, w_chunk, num_warps):
+def _(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, variant, block_b, block_h,
+      block_u, groups, w_chunk, num_warps):
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
@@ -191,7 +198,8 @@ def _(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, variant, bloc
 
 @torch.library.custom_op("rnn_triton::recurrent_bwd", mutates_args=())
 def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Tensor, cs: Tensor,
-                  h0: Optional[Tensor], c0: Optional[Tensor], y: Tensor, cell_id: int, reverse: bool,
+                  h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], y: Tensor,
+                  cell_id: int, reverse: bool,
                   batch_first: bool, variant: str, block_b: int, block_h: int, block_u: int, groups: int,
                   w_chunk: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward time loop (the forward's variant), then dW_hh as GEMMs over all steps.
@@ -205,9 +213,10 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     dy_tm = _time_major(dy, batch_first)
     T, B, H = y_tm.shape
     G = cell.num_gates
-    dxp = y.new_empty(y.shape[:-1] + (G * H,))
+    new = y.new_empty if lengths is None else y.new_zeros  # zero past each length
+    dxp = new(y.shape[:-1] + (G * H,))
     dxp_tm = _time_major(dxp, batch_first)
-    dqn = y.new_empty(T, B, H) if cell_id == _GRU else y.new_empty(0)
+    dqn = new(T, B, H) if cell_id == _GRU else y.new_empty(0)
     dh0 = y.new_empty(B, H)
     dc0 = y.new_empty(B, H) if cell_id == _LSTM else y.new_empty(0)
     if T > 0 and B > 0:
@@ -224,8 +233,9 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                 w_hh.contiguous(), saved, cs, h0_arg, c0_arg,
                 y_tm, y_tm.stride(0), y_tm.stride(1),
                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0,
+                lengths if lengths is not None else dh0,
                 T, B, H, int(reverse),
-                BLOCK_H=block_h, **constexprs,
+                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, **constexprs,
                 num_warps=num_warps, num_stages=1,
             )
             runtime.launches["persistent_bwd"] += 1
@@ -250,22 +260,26 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         dxp.zero_()
         dqn.zero_()
 
-    # dW_hh = sum_t dr_t^T h_{t-1}: one GEMM over all (t, b) with t >= 1 in the forward's order, one for
-    # the first step, whose h_{t-1} is h0.
+    # dW_hh = sum_t dr_t^T h_{t-1}: one GEMM over all (t, b), h_{t-1} being the state before step t in
+    # the forward's order: h0 at each row's first step (t = 0; in reverse its own last element).
     dr = torch.cat([dxp_tm[..., : 2 * H], dqn], dim=-1) if cell_id == _GRU else dxp_tm
-    first, rest = (T - 1, slice(0, T - 1)) if reverse else (0, slice(1, T))
-    prev = y_tm[1:] if reverse else y_tm[:-1]
-    dw_hh = dr[rest].reshape(-1, G * H).t() @ prev.reshape(-1, H)
-    if h0 is not None and T > 0:
-        dw_hh = dw_hh + dr[first].t() @ h0
+    start = h0 if h0 is not None else y.new_zeros(B, H)
+    if reverse:
+        prev = torch.cat([y_tm[1:], y.new_zeros(min(T, 1), B, H)])
+        first = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=y.device)
+        if T > 0:
+            prev[first, torch.arange(B, device=y.device)] = start
+    else:
+        prev = torch.cat([start[None], y_tm[:-1]])[:T]
+    dw_hh = dr.reshape(-1, G * H).t() @ prev.reshape(-1, H)
     db_hn = dqn.sum(dim=(0, 1), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype) if cell_id == _GRU \
         else y.new_empty(0)
     return dxp, dw_hh, db_hn, dh0, dc0
 
 
 @recurrent_bwd.register_fake
-def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, variant, block_b, block_h,
-      block_u, groups, w_chunk, num_warps):
+def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse, batch_first, variant, block_b,
+      block_h, block_u, groups, w_chunk, num_warps):
     G = _CELL_BY_ID[cell_id].num_gates
     B, H = dhn.shape
     dxp = y.new_empty(y.shape[:-1] + (G * H,))
@@ -275,13 +289,13 @@ def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first, v
 
 
 def _setup_context(ctx, inputs, output):
-    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, save, *config = inputs
+    xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, *config = inputs
     y, _, _, saved, cs = output
     if not save:
         ctx.unsaved = True
         return
     ctx.unsaved = False
-    ctx.save_for_backward(w_hh, h0, c0, y, saved, cs)
+    ctx.save_for_backward(w_hh, h0, c0, lengths, y, saved, cs)
     ctx.args = (cell_id, reverse, batch_first, *config)
     ctx.has_b_hn = b_hn is not None
 
@@ -289,15 +303,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
     if ctx.unsaved:
         raise RuntimeError("rnn_triton: backward through a forward that ran without saving for backward")
-    w_hh, h0, c0, y, saved, cs = ctx.saved_tensors
+    w_hh, h0, c0, lengths, y, saved, cs = ctx.saved_tensors
     cell_id, batch_first = ctx.args[0], ctx.args[2]
     state_shape = (_time_major(y, batch_first).shape[1], w_hh.shape[1])
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = y.new_zeros(state_shape) if dhn is None else dhn
     dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
-    dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, y, *ctx.args)
+    dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y,
+                                                *ctx.args)
     return (dxp, dw_hh, db_hn if ctx.has_b_hn else None, dh0 if h0 is not None else None,
-            dc0 if c0 is not None else None) + (None,) * 11
+            dc0 if c0 is not None else None) + (None,) * 12
 
 
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -321,8 +336,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                     b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-                    config: KernelConfig, batch_first: bool, reverse: bool = False):
-    """One layer, one direction. x: [T, B, I] ([B, T, I] when batch_first); h0, c0: [B, H] or None.
+                    config: KernelConfig, batch_first: bool, reverse: bool = False,
+                    lengths: Optional[Tensor] = None):
+    """One layer, one direction. x: [T, B, I] ([B, T, I] when batch_first); h0, c0: [B, H] or None;
+    lengths: int32 [B] per-row sequence lengths (see recurrent_fwd) or None.
 
     Returns (y, hn, cn); cn is None for cells without a cell state.
     """
@@ -340,7 +357,7 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
     xp = torch.nn.functional.linear(x, w_ih, bias)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-    y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, spec.kernel_id, reverse, batch_first, save,
-                                    config.variant, config.block_b, config.block_h, config.block_u,
+    y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
+                                    save, config.variant, config.block_b, config.block_h, config.block_u,
                                     config.groups, config.w_chunk, config.num_warps)
     return y, hn, (cn if spec.kernel_id == _LSTM else None)

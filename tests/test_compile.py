@@ -62,7 +62,7 @@ def _fwd_args(cell, with_grad, H=16):
     c = dispatch.choose(cell, H, torch.float32, DEVICE, B).config
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
     return (t(T, B, spec.num_gates * H), t(spec.num_gates * H, H), t(H) if cell == "GRU" else None,
-            t(B, H), t(B, H) if cell == "LSTM" else None, spec.kernel_id, False, False, with_grad,
+            t(B, H), t(B, H) if cell == "LSTM" else None, None, spec.kernel_id, False, False, with_grad,
             c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.w_chunk, c.num_warps)
 
 
@@ -78,11 +78,12 @@ def test_opcheck_forward_op(cell, H):
 @pytest.mark.parametrize("cell,H", [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 100)])
 def test_opcheck_backward_op(cell, H):
     args = _fwd_args(cell, False, H)
-    xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, _, *config = args
-    y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, cell_id, reverse, batch_first, True,
-                                             *config)
+    xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, _, *config = args
+    y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first,
+                                             True, *config)
     torch.library.opcheck(ops.recurrent_bwd, (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(hn),
-                                              w_hh, saved, cs, h0, c0, y, cell_id, reverse, batch_first,
+                                              w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse,
+                                              batch_first,
                                               *config))
 
 

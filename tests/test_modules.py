@@ -129,14 +129,6 @@ def test_lstm_projection_raises_in_strict_mode():
         rnn_triton.LSTM(8, 16, proj_size=4).to(DEVICE)(torch.randn(5, 2, 8, device=DEVICE))
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_packed_sequence_raises_in_strict_mode(cell):
-    module = _make(cell, 8, 16).to(DEVICE)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 8, device=DEVICE), [5, 3])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        module(packed)
-
-
 @interpreter_only
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("with_state", [True, False])

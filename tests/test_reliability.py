@@ -188,7 +188,7 @@ def test_inference_saves_nothing_for_backward(cell):
     config = module.kernel_plan(torch.randn(9, 3, 4, device=DEVICE)).config
     xp = torch.randn(9, 3, G * 16, device=DEVICE)
     with torch.no_grad():
-        y, _, _, saved, cs = ops.recurrent_fwd(xp, module.weight_hh_l0, None, None, None,
+        y, _, _, saved, cs = ops.recurrent_fwd(xp, module.weight_hh_l0, None, None, None, None,
                                                rnn_triton.dispatch.CELLS[cell].kernel_id, False, False,
                                                False, config.variant, config.block_b, config.block_h,
                                                config.block_u, config.groups, config.w_chunk,
