@@ -77,12 +77,15 @@ def persistent_fwd_kernel(
     saved_rows = row_offsets(offs_b, NUM_SAVED * H, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
-    lengths = tl.zeros([BLOCK_B], tl.int32) + T
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
     for s in range(T):
-        t, live = row_steps(s, lengths, reverse, T)
-        step = mask & live  # a row past its length keeps its state and writes nothing
+        if HAS_LENGTHS:
+            t, live = row_steps(s, lengths, reverse, T)
+            step = mask & live  # a row past its length keeps its state and writes nothing
+        else:
+            t = s + reverse * (T - 1 - 2 * s)
+            step = mask
         x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES,
                                      ACC)
         hd = h.to(DOT_DTYPE)
@@ -103,7 +106,10 @@ def persistent_fwd_kernel(
         h_new, c_new, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, b_hn, h, c)
         # Padded lanes stay finite zeros: they are the K dimension of the next step's dot.
         h = tl.where(step, h_new, h)
-        c = tl.where(step, c_new, c)
+        if HAS_LENGTHS:
+            c = tl.where(step, c_new, c)
+        else:
+            c = c_new
         tl.store(y_ptr + step_offsets(t, stride_y_t, y_rows), h.to(y_ptr.dtype.element_ty), mask=step)
         if SAVE:
             store_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step, NUM_SAVED,
@@ -159,13 +165,16 @@ def persistent_bwd_kernel(
     dxp_rows = row_offsets(offs_b, stride_dxp_b, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
-    lengths = tl.zeros([BLOCK_B], tl.int32) + T
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
     for s in range(T):
         fs = T - 1 - s  # the forward's steps, last first
-        t, live = row_steps(fs, lengths, reverse, T)
-        step = mask & live  # a row without this step passes dh and dc through unchanged
+        if HAS_LENGTHS:
+            t, live = row_steps(fs, lengths, reverse, T)
+            step = mask & live  # a row without this step passes dh and dc through unchanged
+        else:
+            t = fs + reverse * (T - 1 - 2 * fs)
+            step = mask
         # The step before t in the forward's order (clamped; at the first step state0 replaces it).
         t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)
         has_prev = fs > 0
@@ -194,10 +203,14 @@ def persistent_bwd_kernel(
             dh_prev += tl.dot(w3, d3.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
         if CELL == GRU:
             dh_prev += dh_direct
-        # Batch rows are the dot's N: a column depends on its own row only, so rows (and padded lanes)
-        # without this step keep what they had.
-        dh = tl.where(step, dh_prev, dh)
-        dc = tl.where(step, dc_prev, dc)
+        if HAS_LENGTHS:
+            # Batch rows are the dot's N: a column depends on its own row only, so rows without this
+            # step keep what they had.
+            dh = tl.where(step, dh_prev, dh)
+            dc = tl.where(step, dc_prev, dc)
+        else:
+            dh = dh_prev
+            dc = dc_prev
 
     tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:

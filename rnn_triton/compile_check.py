@@ -61,7 +61,7 @@ def _signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("sync_ptr", "error_ptr"):
+        elif name in ("sync_ptr", "error_ptr", "lengths_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr", "carry_ptr") else _PTR[dtype]
@@ -73,8 +73,8 @@ def _signature(fn, dtype, constexprs):
 def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
                 num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0,
                 w_chunk: int = 0) -> Result:
-    """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent) or coop_fwd / coop_bwd
-    (cooperative, built with its barrier). ``aligned`` mirrors the launch-time specialisation Triton
+    """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent; fwd_packed / bwd_packed with
+    per-row lengths) or coop_fwd / coop_bwd (cooperative, built with its barrier). ``aligned`` mirrors the launch-time specialisation Triton
     applies when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16.
     Without it, nothing is assumed, as for H = 100."""
     import triton
@@ -87,8 +87,9 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
     cell = CELLS[cell_name]
-    fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel,
-          "coop_fwd": cooperative_fwd_kernel, "coop_bwd": cooperative_bwd_kernel}[kernel]
+    fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel, "fwd_packed": persistent_fwd_kernel,
+          "bwd_packed": persistent_bwd_kernel, "coop_fwd": cooperative_fwd_kernel,
+          "coop_bwd": cooperative_bwd_kernel}[kernel]
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
                       HAS_H0=True, BLOCK_B=block_b, DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
@@ -96,9 +97,9 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
         constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, COOPERATIVE=True)
         if kernel == "coop_bwd":
             constexprs["W_CHUNK"] = w_chunk
-    else:
-        constexprs.update(BLOCK_H=block_h)
-    if kernel.endswith("fwd"):
+    else:  # "_packed": with per-row lengths (PackedSequence input), a heavier build
+        constexprs.update(BLOCK_H=block_h, HAS_LENGTHS=kernel.endswith("_packed"))
+    if "fwd" in kernel:
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
                  aligned, precision, block_u)
@@ -150,7 +151,7 @@ def dispatcher_configs(probe: bool = False):
                 entries.append((top, warps, (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for block_h, warps, alignments in entries:
-            for kernel in ("fwd", "bwd"):
+            for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed"):
                 for aligned in alignments:
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
@@ -176,8 +177,12 @@ def is_dispatcher_config(r) -> bool:
     if r.kernel.startswith("coop"):
         entry = COOP_CONFIGS.get((r.cell, getattr(torch, r.dtype)), {}).get(r.block_h)
         return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h)
-    entry = TILE_CONFIGS[(r.cell, getattr(torch, r.dtype))].get(r.block_h)
-    return entry is not None and entry[0] == r.num_warps and (r.aligned or entry[1])
+    from .dispatch import PACKED_MULTIPLES_OF_16
+    dtype = getattr(torch, r.dtype)
+    entry = TILE_CONFIGS[(r.cell, dtype)].get(r.block_h)
+    any_h = entry is not None and entry[1] and not (
+        r.kernel.endswith("_packed") and (r.cell, dtype, r.block_h) in PACKED_MULTIPLES_OF_16)
+    return entry is not None and entry[0] == r.num_warps and (r.aligned or any_h)
 
 
 def run(configs, jobs: int = 1):

@@ -1,10 +1,10 @@
-"""Switch the torch.nn.RNN/LSTM/GRU modules of an existing model to rnn_triton's, and back.
+"""Switch the torch.nn.RNN/LSTM/GRU modules and *Cell modules of a model to rnn_triton's, and back.
 
 ``convert(model)`` turns every module inside ``model`` (``model`` itself included) whose type is
-exactly ``torch.nn.LSTM``, ``GRU`` or ``RNN`` into ``rnn_triton.LSTM``, ``GRU`` or ``RNN``, in place,
-and returns ``model``; ``convert_back(model)`` turns rnn_triton's exactly back into the torch.nn
-classes. Use it on a model built or loaded with torch.nn layers (a pretrained model, a checkpoint
-mid-training) without touching the code that builds it.
+exactly ``torch.nn.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` or ``RNNCell`` into
+rnn_triton's class of the same name, in place, and returns ``model``; ``convert_back(model)`` turns
+rnn_triton's exactly back into the torch.nn classes. Use it on a model built or loaded with torch.nn
+layers (a pretrained model, a checkpoint mid-training) without touching the code that builds it.
 
 The conversion changes each module's class and nothing else. Building new modules and copying the
 weights over would hand out new Parameter objects: an optimizer built before the conversion would keep
@@ -17,22 +17,22 @@ configuration is not checked: one the kernels do not serve (``proj_size``, a too
 falls back to torch.nn's forward per call, or raises under ``RNN_TRITON_STRICT=1``, as with any
 rnn_triton module.
 
-Left alone, on purpose:
-
-* subclasses of the torch.nn classes other than rnn_triton's (a user's own ``class MyLSTM(nn.LSTM)``,
-  or the classes ``torch.nn.utils.parametrize`` creates): their code may override ``forward`` or rely
-  on the exact class, and putting our class in their place would drop their behaviour;
-* ``torch.nn.RNNCell``, ``LSTMCell`` and ``GRUCell``: rnn_triton has no cell modules yet.
+Left alone, on purpose: subclasses of the torch.nn classes other than rnn_triton's (a user's own
+``class MyLSTM(nn.LSTM)``, or the classes ``torch.nn.utils.parametrize`` creates): their code may
+override ``forward`` or rely on the exact class, and putting our class in their place would drop their
+behaviour.
 
 Convert before ``torch.compile``, so the compiled graph is traced through the converted modules.
 """
 from torch import nn
 
+from .cells import GRUCell, LSTMCell, RNNCell
 from .modules import GRU, LSTM, RNN
 
 #: Exact class -> exact class. Looked up by ``type(module)``, never ``isinstance``, so subclasses
 #: (user's or ours) never match.
-_TO_TRITON = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+_TO_TRITON = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
+              nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
 _TO_TORCH = {ours: theirs for theirs, ours in _TO_TRITON.items()}
 
 
@@ -48,19 +48,20 @@ def _swap(model: nn.Module, mapping: dict) -> nn.Module:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Make every ``torch.nn.LSTM``/``GRU``/``RNN`` in ``model`` (``model`` included) rnn_triton's.
+    """Make every ``torch.nn.LSTM``/``GRU``/``RNN`` and ``LSTMCell``/``GRUCell``/``RNNCell`` in ``model``
+    (``model`` included) rnn_triton's.
 
     In place, keeping the very same Parameter objects; returns ``model``. Only modules whose type is
-    exactly one of those three are converted: subclasses and the ``*Cell`` modules are left alone
-    (rnn_triton has no cell modules yet). See the module docstring for why.
+    exactly one of those six are converted: subclasses are left alone. See the module docstring for why.
     """
     return _swap(model, _TO_TRITON)
 
 
 def convert_back(model: nn.Module) -> nn.Module:
-    """Make every ``rnn_triton.LSTM``/``GRU``/``RNN`` in ``model`` (``model`` included) torch.nn's.
+    """Make every ``rnn_triton.LSTM``/``GRU``/``RNN`` and ``*Cell`` in ``model`` (``model`` included)
+    torch.nn's.
 
-    The reverse of ``convert``: in place, same Parameter objects, exactly ``torch.nn.LSTM``/``GRU``/
-    ``RNN`` afterwards; subclasses of rnn_triton's classes are left alone. Returns ``model``.
+    The reverse of ``convert``: in place, same Parameter objects, exactly the torch.nn classes afterwards;
+    subclasses of rnn_triton's classes are left alone. Returns ``model``.
     """
     return _swap(model, _TO_TORCH)

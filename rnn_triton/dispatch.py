@@ -62,6 +62,11 @@ TILE_CONFIGS = {
     ("RNN_RELU", torch.float32): _RNN_FP32,
 }
 
+#: Tile configurations that take any H, but with per-row lengths (PackedSequence input) only H a
+#: multiple of 16: the backward's extra state spills otherwise (compile check, kernels "*_packed").
+PACKED_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 128),
+                          ("RNN_TANH", torch.float32, 64), ("RNN_RELU", torch.float32, 64)}
+
 #: The batch rows one program owns. 16 is the smallest N of a tensor-core dot.
 BLOCK_B = 16
 
@@ -190,9 +195,10 @@ def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, varia
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
-           props: Optional[DeviceProps] = None) -> Plan:
+           props: Optional[DeviceProps] = None, packed: bool = False) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
-    ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given)."""
+    ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
+    per-row lengths, which only the tile-persistent kernel takes."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -206,8 +212,13 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     key = (cell, torch.float32 if dtype == torch.float64 else dtype)
     configs = TILE_CONFIGS.get(key, {})
     block_h = block_h_for(hidden_size)
-    if block_h in configs and (configs[block_h][1] or hidden_size % 16 == 0):
+    any_h = block_h in configs and configs[block_h][1] and not (
+        packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16)
+    if block_h in configs and (any_h or hidden_size % 16 == 0):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
+    if packed:
+        return Plan(None, f"PackedSequence input runs on the tile-persistent kernel only, which does not "
+                          f"take hidden_size={hidden_size} for {cell} in {dtype}")
     coop = COOP_CONFIGS.get(key, {}).get(block_h)
     if coop is None or not (coop.any_h or hidden_size % 16 == 0):
         return Plan(None, f"hidden_size={hidden_size} is above the kernels' limit for {cell} in {dtype}: "

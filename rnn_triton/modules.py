@@ -70,11 +70,7 @@ class _TritonRecurrent:
             batch = int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        plan = dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch)
-        if packed and plan.uses_triton and plan.config.variant != "tile-persistent":
-            return dispatch.Plan(None, f"PackedSequence input runs on the tile-persistent kernel only; "
-                                       f"hidden_size={self.hidden_size} needs the {plan.config.variant} one")
-        return plan
+        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed)
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):

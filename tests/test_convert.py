@@ -156,25 +156,31 @@ def test_convert_back_restores_exact_torch_classes(seed):
     assert rnn_triton.convert_back(lstm) is lstm and type(lstm) is nn.LSTM
 
 
-def test_subclasses_cells_and_shared_modules():
-    """A user's subclass (of torch.nn's or of ours) and the *Cell modules are left alone; a module
-    reachable twice is converted (once)."""
+def test_subclasses_and_shared_modules():
+    """A user's subclass (of torch.nn's or of ours, sequence or cell) is left alone; the *Cell modules
+    are converted; a module reachable twice is converted (once)."""
 
     class MyLSTM(nn.LSTM):
+        pass
+
+    class MyLSTMCell(nn.LSTMCell):
         pass
 
     class MyTritonLSTM(rnn_triton.LSTM):
         pass
 
     shared = nn.RNN(I, 4)
-    model = nn.ModuleDict({"mine": MyLSTM(I, 8), "cell": nn.LSTMCell(I, 8), "gru_cell": nn.GRUCell(I, 8),
-                           "rnn_cell": nn.RNNCell(I, 8), "a": shared,
+    model = nn.ModuleDict({"mine": MyLSTM(I, 8), "my_cell": MyLSTMCell(I, 8), "cell": nn.LSTMCell(I, 8),
+                           "gru_cell": nn.GRUCell(I, 8), "rnn_cell": nn.RNNCell(I, 8), "a": shared,
                            "b": nn.Sequential(shared, nn.ModuleList([nn.LSTM(I, 8)]))})
     rnn_triton.convert(model)
-    assert type(model["mine"]) is MyLSTM
-    assert [type(model[k]) for k in ("cell", "gru_cell", "rnn_cell")] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
+    assert type(model["mine"]) is MyLSTM and type(model["my_cell"]) is MyLSTMCell
+    assert [type(model[k]) for k in ("cell", "gru_cell", "rnn_cell")] == \
+        [rnn_triton.LSTMCell, rnn_triton.GRUCell, rnn_triton.RNNCell]
     assert type(shared) is rnn_triton.RNN and model["b"][0] is shared
     assert type(model["b"][1][0]) is rnn_triton.LSTM
+    rnn_triton.convert_back(model)
+    assert [type(model[k]) for k in ("cell", "gru_cell", "rnn_cell")] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
 
     ours = MyTritonLSTM(I, 8)
     assert type(rnn_triton.convert_back(ours)) is MyTritonLSTM
@@ -184,10 +190,58 @@ def test_subclasses_cells_and_shared_modules():
         rnn_triton.convert({"lstm": nn.LSTM(I, 8)})
 
 
-@pytest.mark.parametrize("ours,theirs", [(rnn_triton.LSTM, nn.LSTM), (rnn_triton.GRU, nn.GRU),
-                                         (rnn_triton.RNN, nn.RNN)])
-def test_our_classes_add_no_state(ours, theirs):
+class Decoder(nn.Module):
+    """Every cell kind, a few autoregressive steps: each step's output is the next step's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTMCell(I, 6)
+        self.gru = nn.GRUCell(6, 5, bias=False)
+        self.rnn = nn.RNNCell(5, I, nonlinearity="relu")
+
+    def forward(self, x, steps=3):                   # x: (B, I)
+        state, h, outs = None, None, []
+        for _ in range(steps):
+            state = self.lstm(x, state)
+            h = self.gru(state[0], h)
+            x = self.rnn(h)
+            outs.append(x)
+        return torch.stack(outs), state[1], h
+
+
+def test_cells_convert_keeps_parameters_and_results(seed):
+    model = Decoder().double()
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    assert rnn_triton.convert(model) is model
+    assert [type(model.lstm), type(model.gru), type(model.rnn)] == \
+        [rnn_triton.LSTMCell, rnn_triton.GRUCell, rnn_triton.RNNCell]
+    assert all(model.get_parameter(n) is p for n, p in params.items())
+
+    x = torch.randn(B, I, dtype=torch.float64)
+    before = dict(runtime.launches)
+    outs, out_grads, x_grad, grads = _run(model, x)
+    assert runtime.launches["cell_fwd"] - before.get("cell_fwd", 0) == 9, "not every step ran the kernel"
+    assert runtime.launches["cell_bwd"] - before.get("cell_bwd", 0) == 9
+    ref_outs, _, ref_x_grad, ref_grads = _run(ref, x, out_grads)
+    bound = TOLERANCE[torch.float64]
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.shape == r.shape and rel_err(o, r) < bound, f"output {i} (seed {seed})"
+    assert rel_err(x_grad, ref_x_grad) < bound, f"input gradient (seed {seed})"
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < bound, f"grad of {name} (seed {seed})"
+
+    rnn_triton.convert_back(model)
+    assert [type(model.lstm), type(model.gru), type(model.rnn)] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
+    assert all(model.get_parameter(n) is p for n, p in params.items())
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", [
+    (rnn_triton.LSTM, nn.LSTM, {"num_layers": 2}), (rnn_triton.GRU, nn.GRU, {"num_layers": 2}),
+    (rnn_triton.RNN, nn.RNN, {"num_layers": 2}), (rnn_triton.LSTMCell, nn.LSTMCell, {}),
+    (rnn_triton.GRUCell, nn.GRUCell, {}), (rnn_triton.RNNCell, nn.RNNCell, {"nonlinearity": "relu"})])
+def test_our_classes_add_no_state(ours, theirs, kwargs):
     """What makes changing ``__class__`` sound: an instance of ours holds exactly the attributes of
     torch.nn's. A class of ours that grows state of its own must make convert set it up."""
-    assert sorted(vars(ours(I, 8, num_layers=2))) == sorted(vars(theirs(I, 8, num_layers=2)))
+    assert sorted(vars(ours(I, 8, **kwargs))) == sorted(vars(theirs(I, 8, **kwargs)))
     assert all("__init__" not in vars(c) for c in ours.__mro__ if c.__module__.startswith("rnn_triton"))

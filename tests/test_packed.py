@@ -7,7 +7,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnn_triton
 from rnn_triton import runtime
 
-from helpers import DEVICE, TOLERANCE, kernel_launches, rel_err, twin
+import copy
+
+from helpers import DEVICE, HALF_TYPES, RELU_HALF_GRAD_TOLERANCE, TOLERANCE, kernel_launches, rel_err, twin
 
 CELLS = {
     "LSTM": (rnn_triton.LSTM, torch.nn.LSTM, {}),
@@ -18,10 +20,11 @@ CELLS = {
 
 
 def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, with_state=False,
-                 dtype=torch.float64, H=16, I=5):
+                 dtype=torch.float64, H=16, I=5, bias=True):
     """Our module and its float64 torch.nn twin on the same packed batch: the packed output (data,
     batch sizes, indices), h_n (c_n) and every gradient (input, initial states, every parameter)."""
-    ours = CELLS[cell][0](I, H, num_layers=layers, bidirectional=bidirectional, **CELLS[cell][2]).to(dtype)
+    ours = CELLS[cell][0](I, H, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                          **CELLS[cell][2]).to(dtype)
     ref = twin(ours, CELLS[cell][1])
     ours.to(DEVICE)
     T, B = max(lengths), len(lengths)
@@ -32,7 +35,10 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
         states = [torch.randn(n, B, H, dtype=torch.float64).to(dtype) for _ in range(2 if cell == "LSTM" else 1)]
     results = []
     before = dict(runtime.launches)
-    for module, device, in_dtype in ((ours, DEVICE, dtype), (ref, "cpu", torch.float64)):
+    runs = [(ours, DEVICE, dtype), (ref, "cpu", torch.float64)]
+    if dtype in HALF_TYPES:  # torch.nn's own error in this dtype sets the bar, as in helpers.py
+        runs.append((copy.deepcopy(ref).to(dtype), "cpu", dtype))
+    for module, device, in_dtype in runs:
         xi = x.to(device, in_dtype).detach().clone().requires_grad_()
         hi = [s.to(device, in_dtype).detach().clone().requires_grad_() for s in states]
         packed = pack_padded_sequence(xi, torch.tensor(lengths), enforce_sorted=enforce_sorted)
@@ -47,13 +53,17 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
     grads = [torch.randn_like(o, dtype=torch.float64) for o in results[1][0]]
     for outs, *_ in results:
         sum((o.double().cpu() * g).sum() for o, g in zip(outs, grads)).backward()
-    (o_outs, o_x, o_h, _), (r_outs, r_x, r_h, _) = results
-    got = o_outs + [o_x.grad] + [s.grad for s in o_h] + [p.grad for p in ours.parameters()]
-    want = r_outs + [r_x.grad] + [s.grad for s in r_h] + [p.grad for p in ref.parameters()]
-    bound = TOLERANCE[dtype]
-    for i, (a, b) in enumerate(zip(got, want)):
+    got, want, *low = [outs + [x.grad] + [s.grad for s in hs] + [p.grad for p in m.parameters()]
+                       for outs, x, hs, m in results]
+    bounds = [TOLERANCE[dtype]] * len(got)
+    if low:
+        bounds = [max(b, 2 * rel_err(t, w)) for b, t, w in zip(bounds, low[0], want)]
+        if cell == "RNN_RELU":  # see RELU_HALF_GRAD_TOLERANCE
+            n_out = len(results[0][0])
+            bounds = bounds[:n_out] + [max(b, RELU_HALF_GRAD_TOLERANCE) for b in bounds[n_out:]]
+    for i, (a, b, bound) in enumerate(zip(got, want, bounds)):
         assert a is not None and a.shape == b.shape, i
-        assert rel_err(a, b) < bound, f"tensor {i}: {rel_err(a, b):.1e}"
+        assert rel_err(a, b) < bound, f"tensor {i}: {rel_err(a, b):.1e} >= {bound:.1e}"
     assert kernel_launches("fwd") > kernel_launches("fwd", before)
     assert kernel_launches("bwd") > kernel_launches("bwd", before)
 
