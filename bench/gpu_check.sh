@@ -31,7 +31,7 @@ logs=$(mktemp -d)
 pids=()
 for k in LSTM GRU RNN_TANH RNN_RELU "not (LSTM or GRU or RNN_TANH or RNN_RELU)"; do
   name=$(echo "$k" | tr -c 'A-Za-z_\n' _)
-  timeout 240 python -m pytest -q -p no:cacheprovider tests -k "$k" > "$logs/$name.log" 2>&1 &
+  timeout 270 python -m pytest -q -p no:cacheprovider tests -k "$k" > "$logs/$name.log" 2>&1 &
   pids+=($!)
 done
 status=0
@@ -46,7 +46,7 @@ bench=$(mktemp -d)
 if [ "$TRITON_INTERPRET" = 1 ]; then
   timeout 180 python bench/run.py --preset tiny --out "$bench" > "$OUT/bench.log" 2>&1
 else
-  { timeout 100 python bench/run.py --preset quick --budget-ms 50 --out "$bench" --no-compile-table
+  { timeout 80 python bench/run.py --preset quick --budget-ms 50 --out "$bench" --no-compile-table
     timeout 150 python bench/run.py --preset large --budget-ms 50 --out "$bench" --no-compile-table
   } > "$OUT/bench.log" 2>&1
 fi

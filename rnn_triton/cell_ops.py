@@ -23,7 +23,7 @@ from torch import Tensor
 from . import dispatch, runtime
 from .dispatch import CELLS
 from .kernels.cell_step import cell_step_bwd_kernel, cell_step_fwd_kernel
-from .ops import _acc_torch_dtype, _precision, triton_cdiv
+from .ops import _acc_torch_dtype, _no_double_backward, _precision, _setup_nothing, triton_cdiv
 
 _CELL_BY_ID = {cell.kernel_id: cell for cell in CELLS.values()}
 _LSTM = CELLS["LSTM"].kernel_id
@@ -271,15 +271,6 @@ def _backward(ctx, dhy, dcy, _dsaved, _dcs):
 
 
 cell_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("rnn_triton: double backward (a gradient of a gradient) through the cell kernels is "
-                       "not supported")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
 
 
 cell_bwd.register_autograd(_no_double_backward, setup_context=_setup_nothing)

@@ -79,9 +79,7 @@ class _TritonRecurrent:
             return super().forward(input, hx)
         plan = self.kernel_plan(input)
         if not plan.uses_triton:
-            if runtime.strict():
-                raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
-            return super().forward(input, hx)
+            return self._torch_forward(plan, input, hx)
 
         is_lstm = self.mode == "LSTM"
         batched = input.dim() == 3
@@ -114,6 +112,12 @@ class _TritonRecurrent:
             cn = None if cn is None else cn.squeeze(1)
         return (y, (hn, cn)) if is_lstm else (y, hn)
 
+    def _torch_forward(self, plan, input, hx):
+        """torch.nn's own forward, for a call no kernel serves; under RNN_TRITON_STRICT=1 an error."""
+        if runtime.strict():
+            raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
+        return super().forward(input, hx)
+
     def _forward_packed(self, input, hx):
         """A PackedSequence in and out, as torch.nn. The sequences run padded to the longest, each row
         stopping at its own length inside the kernel (y is zero past it, h_n is its last state, the
@@ -124,9 +128,7 @@ class _TritonRecurrent:
             return super().forward(input, hx)
         plan = self.kernel_plan(input)
         if not plan.uses_triton:
-            if runtime.strict():
-                raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
-            return super().forward(input, hx)
+            return self._torch_forward(plan, input, hx)
         is_lstm = self.mode == "LSTM"
         if hx is not None:
             _check_state_dtypes(hx, is_lstm, data, self._autocast_dtype(data) is not None)

@@ -319,8 +319,8 @@ recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("rnn_triton: double backward (a gradient of a gradient) through the recurrent "
-                       "kernels is not supported")
+    raise RuntimeError("rnn_triton: double backward (a gradient of a gradient) through the Triton kernels "
+                       "is not supported")
 
 
 def _setup_nothing(ctx, inputs, output):
