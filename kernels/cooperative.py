@@ -151,8 +151,8 @@ def cooperative_fwd_kernel(
             if CELL == GRU:
                 tl.store(carry_ptr + state_offs, h, mask=mask)
             if SAVE:
-                store_slots(saved_ptr + step_offsets(t, saved_stride_t, row_offsets(offs_b, NUM_SAVED * H, offs_u)),
-                            H, mask, NUM_SAVED, s0, s1, s2, s3)
+                saved_offs = step_offsets(t, saved_stride_t, row_offsets(offs_b, NUM_SAVED * H, offs_u))
+                store_slots(saved_ptr + saved_offs, H, mask, NUM_SAVED, s0, s1, s2, s3)
                 if CELL == LSTM:
                     tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
         if COOPERATIVE:

@@ -74,9 +74,9 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
                 num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0,
                 w_chunk: int = 0) -> Result:
     """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent; fwd_packed / bwd_packed with
-    per-row lengths) or coop_fwd / coop_bwd (cooperative, built with its barrier). ``aligned`` mirrors the launch-time specialisation Triton
-    applies when H (hence every stride) is a multiple of 16: pointers and integers divisible by 16.
-    Without it, nothing is assumed, as for H = 100."""
+    per-row lengths) or coop_fwd / coop_bwd (cooperative, built with its barrier). ``aligned``
+    mirrors the launch-time specialisation Triton applies when H (hence every stride) is a multiple
+    of 16: pointers and integers divisible by 16. Without it, nothing is assumed, as for H = 100."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget

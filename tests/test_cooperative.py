@@ -145,8 +145,8 @@ def _expected(props, cell, dtype, H, B):
 
 
 @pytest.mark.parametrize("props", [H200, SMALL_GPU, LITTLE_SHARED], ids=lambda p: p.name)
-@pytest.mark.parametrize("cell,dtype,H", [(c, d, h) for (c, d), table in COOP_CONFIGS.items()
-                                          for h in sorted(table) if h > dispatch.max_hidden(c, d, variant="tile-persistent")])
+@pytest.mark.parametrize("cell,dtype,H", [(c, d, h) for (c, d), table in COOP_CONFIGS.items() for h in sorted(table)
+                                          if h > dispatch.max_hidden(c, d, variant="tile-persistent")])
 @pytest.mark.parametrize("B", [1, 64])
 def test_dispatcher_capacity_model(props, cell, dtype, H, B):
     plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props)
