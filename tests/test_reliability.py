@@ -1,4 +1,6 @@
 """Bad input, unusual but valid input, numerical robustness, hidden costs, masking at awkward sizes."""
+import copy
+
 import pytest
 import torch
 import triton
@@ -123,7 +125,11 @@ def test_huge_pre_activations_stay_finite(cell):
     x = torch.randn(9, 4, 8, device=DEVICE)
     y, _ = ours(x)
     assert torch.isfinite(y).all()
-    assert rel_err(y, ref(x)[0]) < 1e-4
+    # Weights x300 make the recurrence ill-conditioned: float32 rounding grows step to step, so two
+    # float32 implementations differ by chance. Over 200 draws torch.nn's own float32 result was up
+    # to 3.6e-3 off float64 (GRU; LSTM 5e-4), ours 3.5e-3 (LSTM 6e-4). Both against float64.
+    y64, _ = copy.deepcopy(ref).cpu().double()(x.cpu().double())
+    assert rel_err(ref(x)[0], y64) < 2e-2 and rel_err(y, y64) < 2e-2
 
 
 @pytest.mark.parametrize("cell", CELLS)
