@@ -23,6 +23,13 @@ left operand of each dot: gates^T = W_k @ h^T. With 128 units that is an M=128 d
 as wgmma reading W straight from shared memory; the other order would stream all of W through
 registers every step and spill at H = 128.
 
+Directions: W_hh may hold D = 1 or 2 directions' weights stacked ([D*NUM_GATES*H, H]); the grid's
+second axis is the direction d, whose program reads and writes direction d's slice of every tensor:
+columns d*NUM_GATES*H.. of xp, columns d*H.. of y (so a bidirectional layer's output is written
+concatenated, as torch.nn returns it), and [d] of the states and the saved tensors, which are stacked
+[D, ...]. Direction d runs reversed when reverse + d is odd, so a bidirectional layer's two directions
+run concurrently in one launch.
+
 Sizes need not be powers of two: tiles are padded to BLOCK_H / BLOCK_B and every load and store is
 masked. Offsets along T and B are computed in 64 bits.
 
@@ -40,21 +47,34 @@ from .tiles import load_gate_tiles, load_slots, row_offsets, row_steps, step_off
 
 @triton.jit
 def persistent_fwd_kernel(
-    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, NUM_GATES*H] input projection, biases folded in
-    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
-    b_hn_ptr,                           # [H] (GRU only)
-    h0_ptr, c0_ptr,                     # [B, H] contiguous (read when HAS_H0)
-    y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output
-    hn_ptr, cn_ptr,                     # [B, H] final states
-    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, D*NUM_GATES*H] input projection, biases folded in
+    w_hh_ptr,                           # [D*NUM_GATES*H, H], contiguous
+    b_hn_ptr,                           # [D*H] (GRU only)
+    h0_ptr, c0_ptr,                     # [D, B, H] contiguous (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # [T, B, D*H] output
+    hn_ptr, cn_ptr,                     # [D, B, H] final states
+    saved_ptr, cs_ptr,                  # [D, T, B, NUM_SAVED*H], [D, T, B, H] accumulation dtype (SAVE)
     lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
-    T, B, H, reverse,                   # reverse: 1 runs the steps last to first (bidirectional's 2nd)
+    T, B, H, reverse,                   # reverse: 1 runs direction 0 last step first (see above)
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    d = tl.program_id(1)  # the direction
+    reverse = (reverse + d) % 2
+    xp_ptr += d * NUM_GATES * H
+    w_hh_ptr += d * NUM_GATES * H * H
+    b_hn_ptr += d * H
+    y_ptr += d * H
+    state_stride_d = tl.cast(B, tl.int64) * H  # products of sizes in 64 bits
+    h0_ptr += d * state_stride_d
+    c0_ptr += d * state_stride_d
+    hn_ptr += d * state_stride_d
+    cn_ptr += d * state_stride_d
+    saved_ptr += d * T * state_stride_d * NUM_SAVED
+    cs_ptr += d * T * state_stride_d
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
@@ -124,15 +144,15 @@ def persistent_fwd_kernel(
 
 @triton.jit
 def persistent_bwd_kernel(
-    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, H] dLoss/dy
-    dhn_ptr, dcn_ptr,                   # [B, H] dLoss/dhn, dLoss/dcn, contiguous
-    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
+    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, D*H] dLoss/dy
+    dhn_ptr, dcn_ptr,                   # [D, B, H] dLoss/dhn, dLoss/dcn, contiguous
+    w_hh_ptr,                           # [D*NUM_GATES*H, H], contiguous
     saved_ptr, cs_ptr,                  # from the forward (SAVE)
-    h0_ptr, c0_ptr,                     # [B, H] initial states (read when HAS_H0)
-    y_ptr, stride_y_t, stride_y_b,      # forward output (GRU reads h_{t-1} from it)
-    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp
-    dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
-    dh0_ptr, dc0_ptr,                   # [B, H] out
+    h0_ptr, c0_ptr,                     # [D, B, H] initial states (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # forward output [T, B, D*H] (GRU reads h_{t-1} from it)
+    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, D*NUM_GATES*H] out: dLoss/dxp
+    dqn_ptr,                            # [D, T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
+    dh0_ptr, dc0_ptr,                   # [D, B, H] out
     lengths_ptr,                        # as in the forward
     T, B, H, reverse,                   # as in the forward
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
@@ -141,6 +161,22 @@ def persistent_bwd_kernel(
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    d = tl.program_id(1)  # the direction, as in the forward
+    reverse = (reverse + d) % 2
+    dy_ptr += d * H
+    y_ptr += d * H
+    dxp_ptr += d * NUM_GATES * H
+    w_hh_ptr += d * NUM_GATES * H * H
+    state_stride_d = tl.cast(B, tl.int64) * H
+    dhn_ptr += d * state_stride_d
+    dcn_ptr += d * state_stride_d
+    h0_ptr += d * state_stride_d
+    c0_ptr += d * state_stride_d
+    dh0_ptr += d * state_stride_d
+    dc0_ptr += d * state_stride_d
+    saved_ptr += d * T * state_stride_d * NUM_SAVED
+    cs_ptr += d * T * state_stride_d
+    dqn_ptr += d * T * state_stride_d
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H

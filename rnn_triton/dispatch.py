@@ -195,10 +195,11 @@ def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, varia
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
-           props: Optional[DeviceProps] = None, packed: bool = False) -> Plan:
+           props: Optional[DeviceProps] = None, packed: bool = False, directions: int = 1) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
-    ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
-    per-row lengths, which only the tile-persistent kernel takes."""
+    ``dtype``, its ``directions`` run in one launch. ``props``: the GPU's properties (read from
+    ``device`` when not given). ``packed``: per-row lengths, which only the tile-persistent kernel
+    takes."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -232,5 +233,8 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
         return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
+    # Both directions' programs at once where they all fit (then one launch); else each direction
+    # gets the whole GPU in turn (ops runs one launch per direction).
+    per_launch = units * directions if units * directions <= capacity else units
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
-                             min(tiles, capacity // units), coop.w_chunk))
+                             min(tiles, capacity // per_launch), coop.w_chunk))

@@ -11,17 +11,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch, runtime
-from .ops import recurrent_layer
+from .ops import recurrent_directions
 
 
 class _TritonRecurrent:
     """The shared forward of LSTM, GRU and RNN; mixed in before the torch.nn class."""
-
-    def _module_limit(self, input) -> str | None:
-        """Why this module's configuration or this input cannot run on the kernels, or None."""
-        if getattr(self, "proj_size", 0) > 0:
-            return "proj_size > 0 is not supported yet"
-        return None
 
     def _autocast_dtype(self, input):
         """The dtype autocast makes torch.nn's module compute in for ``input``, or None.
@@ -60,17 +54,15 @@ class _TritonRecurrent:
         it would fall back to torch."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        reason = self._module_limit(input)
-        if reason is None and (self._invalid_input(data, None) or (packed and data.dim() != 2)):
-            reason = "input does not match the module (rank, dtype or device): torch.nn raises"
-        if reason is not None:
-            return dispatch.Plan(None, reason)
+        if self._invalid_input(data, None) or (packed and data.dim() != 2):
+            return dispatch.Plan(None, "input does not match the module (rank, dtype or device): torch.nn raises")
         dtype = self._autocast_dtype(data) or data.dtype
         if packed:
             batch = int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed)
+        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
+                               directions=2 if self.bidirectional else 1)
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -153,36 +145,33 @@ class _TritonRecurrent:
         return (out, (hn, cn)) if is_lstm else (out, hn)
 
     def _layers(self, x, hx, config, cast, batch_first, lengths=None):
-        """Every layer and direction, in torch.nn's order: h_n[k] is layer k // D, direction k % D.
-
-        Each (layer, direction) is one persistent launch (one per step when stepwise); the reverse
-        direction runs its steps last to first. Dropout between layers only in training, as torch.nn does.
-        """
+        """Every layer in turn, its directions in one launch (one per step when stepwise); h_n[k] is
+        layer k // D, direction k % D, as torch.nn's. Dropout between layers only in training, as
+        torch.nn does."""
         is_lstm = self.mode == "LSTM"
-        directions = 2 if self.bidirectional else 1
+        D = 2 if self.bidirectional else 1
         hns, cns = [], []
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = [getattr(self, f"weight_ih{suffix}"), getattr(self, f"weight_hh{suffix}"),
-                           getattr(self, f"bias_ih{suffix}") if self.bias else None,
-                           getattr(self, f"bias_hh{suffix}") if self.bias else None]
-                if cast is not None:
-                    weights = [None if w is None else w.to(cast) for w in weights]
-                h0 = c0 = None
-                if hx is not None:
-                    h0, c0 = (hx[0][k], hx[1][k]) if is_lstm else (hx[k], None)
-                y, hn, cn = recurrent_layer(self.mode, x, *weights, h0, c0, config, batch_first,
-                                            reverse=direction == 1, lengths=lengths)
-                outputs.append(y)
-                hns.append(hn)
-                cns.append(cn)
-            x = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+            weights = [self._direction_weights(layer, direction, cast) for direction in range(D)]
+            h0 = c0 = None
+            if hx is not None:
+                h0, c0 = (hx[0][layer * D:(layer + 1) * D], hx[1][layer * D:(layer + 1) * D]) if is_lstm \
+                    else (hx[layer * D:(layer + 1) * D], None)
+            x, hn, cn = recurrent_directions(self.mode, x, weights, h0, c0, config, batch_first, lengths)
+            hns.append(hn)
+            cns.append(cn)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
-        return x, torch.stack(hns), (torch.stack(cns) if is_lstm else None)
+        return x, torch.cat(hns), (torch.cat(cns) if is_lstm else None)
+
+    def _direction_weights(self, layer, direction, cast):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, None where absent, cast to
+        ``cast`` when autocast asks for it (differentiably: gradients reach the parameters)."""
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        present = (True, True, self.bias, self.bias, getattr(self, "proj_size", 0) > 0)
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        weights = [getattr(self, name + suffix) if p else None for name, p in zip(names, present)]
+        return [w.to(cast) if w is not None and cast is not None else w for w in weights]
 
 
 def _check_state_dtypes(hx, is_lstm: bool, input, autocast: bool):

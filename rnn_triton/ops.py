@@ -51,16 +51,27 @@ def _time_major(t: Tensor, batch_first: bool) -> Tensor:
     return t.transpose(0, 1) if batch_first else t
 
 
-def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first):
-    """Shapes the kernels rely on (metadata only: no synchronisation)."""
-    T, B, GH = _time_major(xp, batch_first).shape
+def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first) -> int:
+    """Shapes the kernels rely on (metadata only: no synchronisation). Returns the directions D."""
+    T, B, DGH = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
-    torch._check(w_hh.shape[0] == cell.num_gates * H and GH == cell.num_gates * H,
+    D = w_hh.shape[0] // max(cell.num_gates * H, 1)
+    torch._check(D in (1, 2) and w_hh.shape[0] == D * cell.num_gates * H and DGH == w_hh.shape[0],
                  lambda: f"xp {tuple(xp.shape)} and w_hh {tuple(w_hh.shape)} do not fit a {cell.name}")
     for name, state in (("h0", h0), ("c0", c0)):
-        torch._check(state is None or tuple(state.shape) == (B, H), lambda: f"{name} must be [{B}, {H}]")
+        torch._check(state is None or tuple(state.shape) == (D, B, H), lambda: f"{name} must be [{D}, {B}, {H}]")
     torch._check(cell.name != "LSTM" or (h0 is None) == (c0 is None), lambda: "LSTM takes h0 and c0 together")
-    torch._check(b_hn is None or tuple(b_hn.shape) == (H,), lambda: f"b_hn must be [{H}]")
+    torch._check(b_hn is None or tuple(b_hn.shape) == (D * H,), lambda: f"b_hn must be [{D * H}]")
+    return D
+
+
+def _num_directions(w_hh: Tensor, cell_id: int) -> int:
+    return w_hh.shape[0] // (_CELL_BY_ID[cell_id].num_gates * w_hh.shape[1])
+
+
+def _reversed(reverse: bool, d: int) -> bool:
+    """Whether direction d runs its steps last to first (the kernels' rule)."""
+    return (int(reverse) + d) % 2 == 1
 
 
 @torch.library.custom_op("rnn_triton::recurrent_fwd", mutates_args=())
@@ -69,18 +80,23 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                   batch_first: bool, save: bool,
                   variant: str, block_b: int, block_h: int, block_u: int, groups: int, w_chunk: int,
                   num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward time loop (``variant``: see ``dispatch.KernelConfig``). xp: [T, B, G*H] (or [B, T, G*H]
-    when batch_first).
+    """Forward time loop of D = 1 or 2 directions at once (``variant``: see ``dispatch.KernelConfig``).
+
+    w_hh: [D*G*H, H], the directions' W_hh stacked; xp: [T, B, D*G*H] (or [B, T, D*G*H] when
+    batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H]; h0, c0: [D, B, H].
+    Direction d runs its steps last to first when reverse + d is odd (a bidirectional layer: D = 2,
+    reverse False).
 
     ``lengths`` (int32 [B], on xp's device, each in 1..T): per-row sequence lengths, as a packed
     sequence has; a row stops at its length (y is zero past it, hn is its last state), and in reverse
     it starts from its own last element. Tile-persistent variant only.
 
-    Returns y (layout of xp), hn [B, H], cn [B, H] (LSTM; else empty), and, when ``save``, the
-    per-step slots and cell states backward needs (else empty).
+    Returns y [T, B, D*H] (layout of xp; the directions concatenated, as torch.nn's output), hn
+    [D, B, H], cn [D, B, H] (LSTM; else empty), and, when ``save``, the per-step slots and cell states
+    backward needs (else empty).
     """
     cell = _CELL_BY_ID[cell_id]
-    _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
+    D = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
     torch._check(lengths is None or variant == "tile-persistent",
                  lambda: "per-row lengths run on the tile-persistent kernel only")
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
@@ -88,13 +104,13 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     xp_tm = _time_major(xp, batch_first)
     T, B, _ = xp_tm.shape
     H = w_hh.shape[1]
-    y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (H,))  # zero past each length
+    y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (D * H,))  # 0 past each length
     y_tm = _time_major(y, batch_first)
-    hn = xp.new_empty(B, H)
-    cn = xp.new_empty(B, H) if cell_id == _LSTM else xp.new_empty(0)
+    hn = xp.new_empty(D, B, H)
+    cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
     acc = _acc_torch_dtype(xp.dtype)
-    saved = xp.new_empty(T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
-    cs = xp.new_empty(T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
+    saved = xp.new_empty(D, T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
+    cs = xp.new_empty(D, T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
     if T == 0 or B == 0:  # no steps: the final state is the initial one
         hn.copy_(h0 if h0 is not None else torch.zeros_like(hn))
         if cell_id == _LSTM:
@@ -104,26 +120,25 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     has_h0 = h0 is not None
     constexprs = dict(CELL=cell_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
                       SAVE=save, BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
+    b_hn = b_hn.contiguous() if b_hn is not None else xp.new_zeros(D * H)
     if variant != "tile-persistent":
         # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
         init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
-        carry = init.to(acc, copy=True).contiguous() if init is not None else xp.new_zeros(B, H, dtype=acc)
+        carry = init.to(acc, copy=True).contiguous() if init is not None else xp.new_zeros(D, B, H, dtype=acc)
         _run_cooperative(
-            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd",
-            (xp_tm, xp_tm.stride(0), xp_tm.stride(1),
-             w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
+            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups, D), T, "fwd",
+            (xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh.contiguous(), b_hn,
              h0.contiguous() if has_h0 else hn,
              y_tm, y_tm.stride(0), y_tm.stride(1), carry, saved, cs),
             (T, B, H, int(reverse)),
             dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
-        hn.copy_(y_tm[0 if reverse else T - 1])
+        for d in range(D):  # each direction's last step
+            hn[d].copy_(y_tm[0 if _reversed(reverse, d) else T - 1, :, d * H:(d + 1) * H])
         if cell_id == _LSTM:
             cn.copy_(carry)
         return y, hn, cn, saved, cs
-    grid = (triton_cdiv(B, block_b),)
-    persistent_fwd_kernel[grid](
-        xp_tm, xp_tm.stride(0), xp_tm.stride(1),
-        w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
+    persistent_fwd_kernel[(triton_cdiv(B, block_b), D)](
+        xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh.contiguous(), b_hn,
         h0.contiguous() if has_h0 else hn, c0.contiguous() if c0 is not None else hn,
         y_tm, y_tm.stride(0), y_tm.stride(1),
         hn, cn, saved, cs, lengths if lengths is not None else hn,
@@ -136,31 +151,39 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
 
 
 def _run_cooperative(kernel, variant, grid, T, direction, args, sizes, constexprs, num_warps):
-    """Run a cooperative kernel over all its steps (T forward, T + 1 backward): one launch whose
-    programs meet at a grid barrier each step, or (``stepwise``) one launch per step.
+    """Run a cooperative kernel over all its steps (T forward, T + 1 backward) for its D directions
+    (``grid`` = (unit blocks, batch groups, D)): one launch whose programs meet at a grid barrier each
+    step, one such launch per direction where both directions' programs would not all be resident at
+    once, or (``stepwise``) one launch per step.
 
-    The barrier counts arrivals per batch group; a program that waits past BARRIER_MAX_SPINS sets the
-    error flag and leaves, and this raises, rather than hang the GPU.
+    The barrier counts arrivals per direction and batch group; a program that waits past
+    BARRIER_MAX_SPINS sets the error flag and leaves, and this raises, rather than hang the GPU.
     """
     device = args[0].device
+    units, groups, D = grid
     steps = T if direction == "fwd" else T + 1
-    sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
+    sync = torch.zeros(D * groups, dtype=torch.int32, device=device)
     error = torch.zeros(1, dtype=torch.int32, device=device)
-    cooperative = variant == "cooperative" and steps * grid[0] < 2 ** 31  # the barrier's int32 count
+    cooperative = variant == "cooperative" and steps * units < 2 ** 31  # the barrier's int32 count
+    launches = [(0, D, 0, steps)]  # (first direction, directions, first step, end step)
     if cooperative and device.type == "cuda":
-        full_args = (*args, sync, error, *sizes, 0, steps, BARRIER_MAX_SPINS)
-        cooperative = _all_resident(kernel, grid, full_args, constexprs, num_warps, device)
-    variant = "cooperative" if cooperative else "stepwise"
-    launches = [(0, steps)] if cooperative else [(s, s + 1) for s in range(steps)]
-    for begin, end in launches:
-        kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
-                     COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
-    runtime.launches[f"{variant}_{direction}"] += len(launches)
+        def resident(dirs):
+            full_args = (*args, sync, error, *sizes, 0, 0, steps, BARRIER_MAX_SPINS)
+            return _all_resident(kernel, (units, groups, dirs), full_args, constexprs, num_warps, device)
+        if not resident(D):
+            launches = [(d, 1, 0, steps) for d in range(D)]
+            cooperative = resident(1)
+    if not cooperative:
+        launches = [(0, D, s, s + 1) for s in range(steps)]
+    for dir_begin, dirs, begin, end in launches:
+        kernel[(units, groups, dirs)](*args, sync, error, *sizes, dir_begin, begin, end, BARRIER_MAX_SPINS,
+                                      COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
+    runtime.launches[f"{'cooperative' if cooperative else 'stepwise'}_{direction}"] += len(launches)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if cooperative and not capturing and error.item():
         raise RuntimeError(f"rnn_triton: the cooperative {direction} kernel's grid barrier timed out: its "
-                           f"{grid[0] * grid[1]} programs were not all resident on the GPU at once (another "
-                           f"kernel running concurrently?). Its outputs are invalid.")
+                           f"{units * groups} programs per direction were not all resident on the GPU at "
+                           f"once (another kernel running concurrently?). Its outputs are invalid.")
 
 
 _resident_cache: dict = {}
@@ -178,7 +201,7 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
         compiled._init_handles()
         props = dispatch.device_props(device)
         per_sm = dispatch.resident_blocks(props, num_warps, compiled.n_regs, compiled.metadata.shared)
-        _resident_cache[key] = grid[0] * grid[1] <= props.sm_count * per_sm
+        _resident_cache[key] = grid[0] * grid[1] * grid[2] <= props.sm_count * per_sm
     return _resident_cache[key]
 
 
@@ -188,12 +211,13 @@ def _(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, vari
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
+    D = _num_directions(w_hh, cell_id)
     acc = _acc_torch_dtype(xp.dtype)
-    y = xp.new_empty(xp.shape[:-1] + (H,))
-    cn = xp.new_empty(B, H) if cell_id == _LSTM else xp.new_empty(0)
-    saved = xp.new_empty(T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
-    cs = xp.new_empty(T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
-    return y, xp.new_empty(B, H), cn, saved, cs
+    y = xp.new_empty(xp.shape[:-1] + (D * H,))
+    cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
+    saved = xp.new_empty(D, T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
+    cs = xp.new_empty(D, T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
+    return y, xp.new_empty(D, B, H), cn, saved, cs
 
 
 @torch.library.custom_op("rnn_triton::recurrent_bwd", mutates_args=())
@@ -202,23 +226,26 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                   cell_id: int, reverse: bool,
                   batch_first: bool, variant: str, block_b: int, block_h: int, block_u: int, groups: int,
                   w_chunk: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward time loop (the forward's variant), then dW_hh as GEMMs over all steps.
+    """Backward time loop of the forward's directions and variant, then dW_hh as GEMMs over all steps.
 
-    Returns dxp (layout of y), dW_hh, db_hn (GRU; else empty), dh0, dc0 (LSTM; else empty).
+    Returns dxp (layout of y, D*G*H wide), dW_hh [D*G*H, H], db_hn [D*H] (GRU; else empty), dh0
+    [D, B, H], dc0 [D, B, H] (LSTM; else empty).
     """
     cell = _CELL_BY_ID[cell_id]
     if dy.stride(-1) != 1:  # the kernel reads hidden units at unit stride (dy may be an expanded scalar)
         dy = dy.contiguous()
     y_tm = _time_major(y, batch_first)
     dy_tm = _time_major(dy, batch_first)
-    T, B, H = y_tm.shape
+    H = w_hh.shape[1]
+    D = _num_directions(w_hh, cell_id)
+    T, B, _ = y_tm.shape
     G = cell.num_gates
     new = y.new_empty if lengths is None else y.new_zeros  # zero past each length
-    dxp = new(y.shape[:-1] + (G * H,))
+    dxp = new(y.shape[:-1] + (D * G * H,))
     dxp_tm = _time_major(dxp, batch_first)
-    dqn = new(T, B, H) if cell_id == _GRU else y.new_empty(0)
-    dh0 = y.new_empty(B, H)
-    dc0 = y.new_empty(B, H) if cell_id == _LSTM else y.new_empty(0)
+    dqn = new(D, T, B, H) if cell_id == _GRU else y.new_empty(0)
+    dh0 = y.new_empty(D, B, H)
+    dc0 = y.new_empty(D, B, H) if cell_id == _LSTM else y.new_empty(0)
     if T > 0 and B > 0:
         dot_dtype, acc_dtype, precision = _precision(y.dtype, y.device)
         has_h0 = h0 is not None
@@ -227,7 +254,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         h0_arg = h0.contiguous() if has_h0 else dh0
         c0_arg = c0.contiguous() if c0 is not None else dh0
         if variant == "tile-persistent":
-            persistent_bwd_kernel[(triton_cdiv(B, block_b),)](
+            persistent_bwd_kernel[(triton_cdiv(B, block_b), D)](
                 dy_tm, dy_tm.stride(0), dy_tm.stride(1),
                 dhn.contiguous(), dcn.contiguous() if cell_id == _LSTM else dhn,
                 w_hh.contiguous(), saved, cs, h0_arg, c0_arg,
@@ -242,11 +269,11 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         else:
             # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
             acc = _acc_torch_dtype(y.dtype)
-            carry = dcn.to(acc, copy=True).contiguous() if cell_id == _LSTM else y.new_zeros(B, H, dtype=acc)
+            carry = dcn.to(acc, copy=True).contiguous() if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
             _run_cooperative(
-                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd",
+                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups, D), T, "bwd",
                 (dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn.contiguous(),
-                 w_hh.view(G, H, H).transpose(1, 2).contiguous(), saved, cs,
+                 w_hh.view(D * G, H, H).transpose(1, 2).contiguous(), saved, cs,
                  h0_arg, c0_arg, y_tm, y_tm.stride(0), y_tm.stride(1),
                  dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry),
                 (T, B, H, int(reverse)),
@@ -260,32 +287,49 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         dxp.zero_()
         dqn.zero_()
 
-    # dW_hh = sum_t dr_t^T h_{t-1}: one GEMM over all (t, b), h_{t-1} being the state before step t in
-    # the forward's order: h0 at each row's first step (t = 0; in reverse its own last element).
-    dr = torch.cat([dxp_tm[..., : 2 * H], dqn], dim=-1) if cell_id == _GRU else dxp_tm
+    dw_hh = torch.cat([
+        _dw_hh(torch.cat([dxp_tm[..., d * G * H:(d * G + 2) * H], dqn[d]], dim=-1) if cell_id == _GRU
+               else dxp_tm[..., d * G * H:(d + 1) * G * H],
+               y_tm[..., d * H:(d + 1) * H], None if h0 is None else h0[d], lengths, _reversed(reverse, d))
+        for d in range(D)])
+    db_hn = dqn.sum(dim=(1, 2), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype).reshape(D * H) \
+        if cell_id == _GRU else y.new_empty(0)
+    return dxp, dw_hh, db_hn, dh0, dc0
+
+
+def _dw_hh(dr: Tensor, y: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """dW_hh = sum_t dr_t^T h_{t-1} over all (t, b), for one direction: dr [T, B, G*H] the gradients of
+    the gates' recurrent parts, y [T, B, H] its outputs, h_{t-1} the state before step t in the
+    direction's order (h0, or zeros, at each row's first step: t = 0, or in reverse its last element)."""
+    T, B, H = y.shape
+    GH = dr.shape[-1]
+    if lengths is None:  # GEMMs over views of y: no copy of the previous states
+        if T == 0:
+            return y.new_zeros(GH, H)
+        inner, first = (dr[:-1], dr[T - 1]) if reverse else (dr[1:], dr[0])
+        prev = y[1:] if reverse else y[:-1]
+        dw = inner.reshape(-1, GH).t() @ prev.reshape(-1, H)
+        return dw if h0 is None else dw + first.t() @ h0
+    # Per-row lengths: a row's first step in reverse is its own last element, so build the states.
     start = h0 if h0 is not None else y.new_zeros(B, H)
     if reverse:
-        prev = torch.cat([y_tm[1:], y.new_zeros(min(T, 1), B, H)])
-        first = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=y.device)
+        prev = torch.cat([y[1:], y.new_zeros(min(T, 1), B, H)])
         if T > 0:
-            prev[first, torch.arange(B, device=y.device)] = start
+            prev[lengths.long() - 1, torch.arange(B, device=y.device)] = start
     else:
-        prev = torch.cat([start[None], y_tm[:-1]])[:T]
-    dw_hh = dr.reshape(-1, G * H).t() @ prev.reshape(-1, H)
-    db_hn = dqn.sum(dim=(0, 1), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype) if cell_id == _GRU \
-        else y.new_empty(0)
-    return dxp, dw_hh, db_hn, dh0, dc0
+        prev = torch.cat([start[None], y[:-1]])[:T]
+    return dr.reshape(-1, GH).t() @ prev.reshape(-1, H)
 
 
 @recurrent_bwd.register_fake
 def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse, batch_first, variant, block_b,
       block_h, block_u, groups, w_chunk, num_warps):
+    D, B, H = dhn.shape
     G = _CELL_BY_ID[cell_id].num_gates
-    B, H = dhn.shape
-    dxp = y.new_empty(y.shape[:-1] + (G * H,))
-    db_hn = y.new_empty(H) if cell_id == _GRU else y.new_empty(0)
-    dc0 = y.new_empty(B, H) if cell_id == _LSTM else y.new_empty(0)
-    return dxp, torch.empty_like(w_hh), db_hn, y.new_empty(B, H), dc0
+    dxp = y.new_empty(y.shape[:-1] + (D * G * H,))
+    db_hn = y.new_empty(D * H) if cell_id == _GRU else y.new_empty(0)
+    dc0 = y.new_empty(D, B, H) if cell_id == _LSTM else y.new_empty(0)
+    return dxp, torch.empty_like(w_hh), db_hn, y.new_empty(D, B, H), dc0
 
 
 def _setup_context(ctx, inputs, output):
@@ -305,7 +349,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
         raise RuntimeError("rnn_triton: backward through a forward that ran without saving for backward")
     w_hh, h0, c0, lengths, y, saved, cs = ctx.saved_tensors
     cell_id, batch_first = ctx.args[0], ctx.args[2]
-    state_shape = (_time_major(y, batch_first).shape[1], w_hh.shape[1])
+    state_shape = (_num_directions(w_hh, cell_id), _time_major(y, batch_first).shape[1], w_hh.shape[1])
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = y.new_zeros(state_shape) if dhn is None else dhn
     dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
@@ -338,26 +382,87 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
                     b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
                     config: KernelConfig, batch_first: bool, reverse: bool = False,
                     lengths: Optional[Tensor] = None):
-    """One layer, one direction. x: [T, B, I] ([B, T, I] when batch_first); h0, c0: [B, H] or None;
-    lengths: int32 [B] per-row sequence lengths (see recurrent_fwd) or None.
+    """One layer, one direction (run last step first when ``reverse``); see ``recurrent_directions``.
+    h0, c0: [B, H] or None. Returns (y, hn [B, H], cn [B, H] or None)."""
+    unsqueeze = (lambda t: None if t is None else t[None])
+    y, hn, cn = recurrent_directions(cell, x, [(w_ih, w_hh, b_ih, b_hh, None)], unsqueeze(h0), unsqueeze(c0),
+                                     config, batch_first, lengths, reverse)
+    return y, hn[0], (None if cn is None else cn[0])
 
-    Returns (y, hn, cn); cn is None for cells without a cell state.
+
+def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0: Optional[Tensor],
+                         config: KernelConfig, batch_first: bool, lengths: Optional[Tensor] = None,
+                         reverse: bool = False):
+    """One layer, all its directions in one launch (the second one reversed).
+
+    x: [T, B, I] ([B, T, I] when batch_first); ``weights``: per direction (w_ih, w_hh, b_ih, b_hh,
+    w_hr), torch.nn's parameters (biases None without bias; w_hr, the LSTM's projection, or None);
+    h0: [D, B, H or P], c0: [D, B, H] or None; lengths: int32 [B] per-row sequence lengths (see
+    recurrent_fwd) or None.
+
+        xp = x @ W_ih^T + b       one GEMM for all steps and directions (torch; autograd differentiates it)
+        y, hn, cn = recurrent_fwd(xp, ...)    one launch of the time loop for every direction
+
+    A projected LSTM (w_hr [P, H]: h = W_hr m, m = o * tanh(c)) runs the same loop on m, whose
+    recurrence is W_hh h_{t-1} = (W_hh W_hr) m_{t-1}: the kernel gets W_hh W_hr [4H, H], h0 enters as
+    W_hh h0 added to the first step's projection, and y = m W_hr^T, hn = m_n W_hr^T after the loop.
+
+    Returns (y [.., D*H or D*P], hn [D, B, H or P], cn [D, B, H] or None).
     """
     spec = CELLS[cell]
-    H = w_hh.shape[1]
+    D = len(weights)
+    w_ih = [w[0] for w in weights]
+    w_hh = [w[1] for w in weights]
+    w_hr = [w[4] for w in weights] if weights[0][4] is not None else None
+    H = w_hh[0].shape[0] // spec.num_gates
     b_hn = None
     bias = None
-    if b_ih is not None:
+    if weights[0][2] is not None:
+        bias = []
+        for _, _, b_ih, b_hh, _ in weights:
+            if spec.kernel_id == _GRU:
+                # b_hn multiplies with r inside the cell, so only b_hr and b_hz fold into the projection.
+                bias.append(b_ih + torch.cat([b_hh[: 2 * H], torch.zeros_like(b_hh[2 * H:])]))
+            else:
+                bias.append(b_ih + b_hh)
         if spec.kernel_id == _GRU:
-            # b_hn multiplies with r inside the cell, so only b_hr and b_hz fold into the projection.
-            bias = b_ih + torch.cat([b_hh[: 2 * H], torch.zeros_like(b_hh[2 * H:])])
-            b_hn = b_hh[2 * H:]
-        else:
-            bias = b_ih + b_hh
-    xp = torch.nn.functional.linear(x, w_ih, bias)
+            b_hn = _cat([b_hh[2 * H:] for _, _, _, b_hh, _ in weights])
+        bias = _cat(bias)
+    xp = torch.nn.functional.linear(x, _cat(w_ih), bias)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-    y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
+        t is not None and t.requires_grad for t in (x, h0, c0, *(w for ws in weights for w in ws)))
+    if w_hr is not None:
+        if h0 is not None:
+            xp = _add_at_first_steps(xp, torch.einsum("dbp,dgp->dbg", h0, torch.stack(w_hh)), lengths, batch_first,
+                                     reverse)
+            h0 = torch.zeros_like(c0)
+        w_hh = [w @ r for w, r in zip(w_hh, w_hr)]
+    y, hn, cn, _, _ = recurrent_fwd(xp, _cat(w_hh), b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
                                     save, config.variant, config.block_b, config.block_h, config.block_u,
                                     config.groups, config.w_chunk, config.num_warps)
+    if w_hr is not None:
+        w_hr = torch.stack(w_hr)
+        y = torch.einsum("...dh,dph->...dp", y.unflatten(-1, (D, H)), w_hr).flatten(-2)
+        hn = torch.einsum("dbh,dph->dbp", hn, w_hr)
     return y, hn, (cn if spec.kernel_id == _LSTM else None)
+
+
+def _cat(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _add_at_first_steps(xp: Tensor, v: Tensor, lengths: Optional[Tensor], batch_first: bool,
+                        reverse: bool) -> Tensor:
+    """xp + v placed at each direction's first step: v[d, b] goes to columns d*G.. of xp [T, B, D*G]
+    at row b's step 0, or in a reversed direction at its last step (T - 1, or length - 1)."""
+    xp_tm = _time_major(xp, batch_first)
+    T, B, _ = xp_tm.shape
+    D, _, G = v.shape
+    rows = torch.arange(B, device=xp.device)
+    last = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=xp.device)
+    first = [last if _reversed(reverse, d) else torch.zeros_like(rows) for d in range(D)]
+    cols = torch.arange(D * G, device=xp.device).view(D, 1, G)
+    index = (torch.stack(first)[:, :, None].expand(D, B, G), rows[None, :, None].expand(D, B, G),
+             cols.expand(D, B, G))
+    out = torch.index_put(xp_tm, index, v, accumulate=True)
+    return _time_major(out, batch_first)

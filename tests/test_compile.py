@@ -54,30 +54,32 @@ def test_compiled_training_matches_eager(backend):
         assert rel_err(p, q) < 1e-5, name
 
 
-def _fwd_args(cell, with_grad, H=16):
-    """recurrent_fwd's arguments for a small case: H = 16 runs tile-persistent, H = 100 (RNN, float32)
-    cooperative (stepwise in the interpreter)."""
+def _fwd_args(cell, with_grad, H=16, D=1):
+    """recurrent_fwd's arguments for a small case of D directions: H = 16 runs tile-persistent,
+    H = 100 (RNN, float32) cooperative (stepwise in the interpreter)."""
     spec = dispatch.CELLS[cell]
-    T, B = 5, 3
-    c = dispatch.choose(cell, H, torch.float32, DEVICE, B).config
+    T, B, GH = 5, 3, spec.num_gates * H
+    c = dispatch.choose(cell, H, torch.float32, DEVICE, B, directions=D).config
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
-    return (t(T, B, spec.num_gates * H), t(spec.num_gates * H, H), t(H) if cell == "GRU" else None,
-            t(B, H), t(B, H) if cell == "LSTM" else None, None, spec.kernel_id, False, False, with_grad,
+    return (t(T, B, D * GH), t(D * GH, H), t(D * H) if cell == "GRU" else None,
+            t(D, B, H), t(D, B, H) if cell == "LSTM" else None, None, spec.kernel_id, False, False, with_grad,
             c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.w_chunk, c.num_warps)
 
 
-CASES = [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 16), ("RNN_TANH", 100)]
+CASES = [("LSTM", 16, 1), ("GRU", 16, 1), ("RNN_TANH", 16, 1), ("RNN_TANH", 100, 1), ("GRU", 16, 2),
+         ("RNN_TANH", 100, 2)]
 
 
-@pytest.mark.parametrize("cell,H", CASES)
-def test_opcheck_forward_op(cell, H):
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True, H))
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False, H))
+@pytest.mark.parametrize("cell,H,D", CASES)
+def test_opcheck_forward_op(cell, H, D):
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True, H, D))
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False, H, D))
 
 
-@pytest.mark.parametrize("cell,H", [("LSTM", 16), ("GRU", 16), ("RNN_TANH", 100)])
-def test_opcheck_backward_op(cell, H):
-    args = _fwd_args(cell, False, H)
+@pytest.mark.parametrize("cell,H,D", [("LSTM", 16, 1), ("GRU", 16, 1), ("RNN_TANH", 100, 1), ("LSTM", 16, 2),
+                                      ("RNN_TANH", 100, 2)])
+def test_opcheck_backward_op(cell, H, D):
+    args = _fwd_args(cell, False, H, D)
     xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, _, *config = args
     y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first,
                                              True, *config)

@@ -124,9 +124,32 @@ def test_dropout_between_layers(cell, seed):
     assert not torch.equal(a, b) and not torch.equal(a, evaluated) and torch.isfinite(a).all()
 
 
-def test_lstm_projection_raises_in_strict_mode():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rnn_triton.LSTM(8, 16, proj_size=4).to(DEVICE)(torch.randn(5, 2, 8, device=DEVICE))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layers,bidirectional,batch_first,P", [(1, False, False, 5), (2, True, True, 15)])
+def test_lstm_projection(dtype, layers, bidirectional, batch_first, P, seed):
+    """proj_size > 0: h = W_hr (o * tanh(c)), h_n of width P, c_n of width H, every gradient (W_hr's
+    too); the initial h enters the first step through W_hh, in both directions."""
+    if dtype == torch.float64 and DEVICE.type != "cpu":
+        pytest.skip("float64 kernels run only in the interpreter")
+    H, I, B, T = 16, 6, 3, 5
+    module = rnn_triton.LSTM(I, H, proj_size=P, num_layers=layers, bidirectional=bidirectional,
+                             batch_first=batch_first).to(dtype)
+    n = layers * (2 if bidirectional else 1)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    for hx in (None, (torch.randn(n, B, P, dtype=torch.float64), torch.randn(n, B, H, dtype=torch.float64))):
+        outs = compare_with_torch(module, torch.nn.LSTM, x, hx, seed)
+        assert outs[0].shape[-1] == P * (2 if bidirectional else 1) and outs[1].shape[-1] == P
+        assert outs[2].shape[-1] == H
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bidirectional_layer_is_one_launch(cell):
+    """Both directions of a layer run concurrently: one forward and one backward launch per layer."""
+    module = _make(cell, 4, 16, num_layers=2, bidirectional=True).to(DEVICE)
+    before = dict(runtime.launches)
+    module(torch.randn(5, 3, 4, device=DEVICE, requires_grad=True))[0].sum().backward()
+    assert runtime.launches["persistent_fwd"] - before.get("persistent_fwd", 0) == 2
+    assert runtime.launches["persistent_bwd"] - before.get("persistent_bwd", 0) == 2
 
 
 @interpreter_only
@@ -173,7 +196,9 @@ def test_kernel_plan_says_what_runs():
     plan = lstm.kernel_plan(torch.randn(3, 2, 4))
     assert plan.uses_triton and plan.config.variant == "tile-persistent" and plan.config.block_h == 64
     plan = rnn_triton.LSTM(4, 48, proj_size=8).kernel_plan(torch.randn(3, 2, 4))
-    assert not plan.uses_triton and "proj_size" in plan.reason
+    assert plan.uses_triton and plan.config.block_h == 64  # the loop runs on the H-wide o * tanh(c)
+    plan = rnn_triton.LSTM(4, 4000).kernel_plan(torch.randn(3, 2, 4))
+    assert not plan.uses_triton and "limit" in plan.reason
 
 
 @pytest.mark.parametrize("cell", CELLS)
