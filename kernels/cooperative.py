@@ -22,13 +22,7 @@ The backward keeps its W_hh^T rows on chip (W_CHUNK = 0) or, where four gates' w
 (LSTM and GRU beyond H = 512), re-reads them every step in chunks of W_CHUNK columns through the cache:
 a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2.
 
-Directions: as in the tile-persistent loops (see persistent.py), the tensors may hold D = 1 or 2
-directions, and the grid's third axis (offset by ``dir_begin``) is the direction d, reversed when
-reverse + d is odd. A bidirectional layer runs as one launch when both directions' grids are resident
-together, else one launch per direction (``dir_begin`` = d); each direction has its own barrier
-counters.
-
-The carry lives in a [D, B, H] fp32 buffer that only its owner reads and writes, once per step, so one
+The carry lives in a [B, H] fp32 buffer that only its owner reads and writes, once per step, so one
 kernel body serves both launch modes:
 
 - COOPERATIVE: one launch runs every step; a grid barrier separates them (an atomic counter per batch
@@ -78,15 +72,15 @@ def _rows_if(offs_b, B, cond):
 
 @triton.jit
 def cooperative_fwd_kernel(
-    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, D*NUM_GATES*H] input projection, biases folded in
-    w_hh_ptr,                           # [D*NUM_GATES*H, H], contiguous
-    b_hn_ptr,                           # [D*H] (GRU only)
-    h0_ptr,                             # [D, B, H] contiguous (read when HAS_H0)
-    y_ptr, stride_y_t, stride_y_b,      # [T, B, D*H] output; also the published h_t
-    carry_ptr,                          # [D, B, H] accumulation dtype: c (LSTM) or h (GRU), in and out
-    saved_ptr, cs_ptr,                  # [D, T, B, NUM_SAVED*H], [D, T, B, H] accumulation dtype (SAVE)
-    sync_ptr, error_ptr,                # [D, groups] int32 arrivals (zeroed), [1] int32 error flag
-    T, B, H, reverse, dir_begin, s_begin, s_end, max_spins,
+    xp_ptr, stride_xp_t, stride_xp_b,   # [T, B, NUM_GATES*H] input projection, biases folded in
+    w_hh_ptr,                           # [NUM_GATES*H, H], contiguous
+    b_hn_ptr,                           # [H] (GRU only)
+    h0_ptr,                             # [B, H] contiguous (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output; also the published h_t
+    carry_ptr,                          # [B, H] accumulation dtype: c (LSTM) or h (GRU), in and out
+    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    sync_ptr, error_ptr,                # [groups] int32 arrivals (zeroed), [1] int32 error flag
+    T, B, H, reverse, s_begin, s_end, max_spins,
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, COOPERATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -96,17 +90,6 @@ def cooperative_fwd_kernel(
     group = tl.program_id(1)
     num_units = tl.num_programs(0)
     num_groups = tl.num_programs(1)
-    d = tl.program_id(2) + dir_begin  # the direction
-    reverse = (reverse + d) % 2
-    xp_ptr += d * NUM_GATES * H
-    w_hh_ptr += d * NUM_GATES * H * H
-    b_hn_ptr += d * H
-    y_ptr += d * H
-    state_stride_d = tl.cast(B, tl.int64) * H  # products of sizes in 64 bits
-    h0_ptr += d * state_stride_d
-    carry_ptr += d * state_stride_d
-    saved_ptr += d * T * state_stride_d * NUM_SAVED
-    cs_ptr += d * T * state_stride_d
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)  # this program's units
     offs_k = tl.arange(0, BLOCK_K)                      # all units, as the dot's K
     mask_u = offs_u < H
@@ -118,7 +101,7 @@ def cooperative_fwd_kernel(
         b_hn += tl.load(b_hn_ptr + offs_u[:, None], mask=mask_u[:, None], other=0.0).to(ACC)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
-    counter = sync_ptr + d * num_groups + group
+    counter = sync_ptr + group
 
     s = s_begin
     alive = s_begin >= 0
@@ -205,18 +188,18 @@ def _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_strid
 
 @triton.jit
 def cooperative_bwd_kernel(
-    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, D*H] dLoss/dy
-    dhn_ptr,                            # [D, B, H] dLoss/dhn, contiguous
-    w_t_ptr,                            # [D*NUM_GATES*H, H]: W_k^T stacked (w_t[k*H + u, j] = W_hh[k*H + j, u])
+    dy_ptr, stride_dy_t, stride_dy_b,   # [T, B, H] dLoss/dy
+    dhn_ptr,                            # [B, H] dLoss/dhn, contiguous
+    w_t_ptr,                            # [NUM_GATES*H, H]: W_k^T stacked (w_t[k*H + u, j] = W_hh[k*H + j, u])
     saved_ptr, cs_ptr,                  # from the forward (SAVE)
-    h0_ptr, c0_ptr,                     # [D, B, H] initial states (read when HAS_H0)
-    y_ptr, stride_y_t, stride_y_b,      # forward output [T, B, D*H] (GRU reads h_{t-1} from it)
-    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, D*NUM_GATES*H] out: dLoss/dxp; also published
-    dqn_ptr,                            # [D, T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
-    dh0_ptr,                            # [D, B, H] out
-    carry_ptr,                          # [D, B, H] accumulation dtype: dc (LSTM), z*dh (GRU), in and out
+    h0_ptr, c0_ptr,                     # [B, H] initial states (read when HAS_H0)
+    y_ptr, stride_y_t, stride_y_b,      # forward output (GRU reads h_{t-1} from it)
+    dxp_ptr, stride_dxp_t, stride_dxp_b,  # [T, B, NUM_GATES*H] out: dLoss/dxp; also published
+    dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
+    dh0_ptr,                            # [B, H] out
+    carry_ptr,                          # [B, H] accumulation dtype: dc (LSTM), z*dh (GRU), in and out
     sync_ptr, error_ptr,                # as in the forward
-    T, B, H, reverse, dir_begin, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
+    T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, COOPERATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, W_CHUNK: tl.constexpr,
@@ -226,21 +209,6 @@ def cooperative_bwd_kernel(
     group = tl.program_id(1)
     num_units = tl.num_programs(0)
     num_groups = tl.num_programs(1)
-    d = tl.program_id(2) + dir_begin  # the direction, as in the forward
-    reverse = (reverse + d) % 2
-    dy_ptr += d * H
-    y_ptr += d * H
-    dxp_ptr += d * NUM_GATES * H
-    w_t_ptr += d * NUM_GATES * H * H
-    state_stride_d = tl.cast(B, tl.int64) * H
-    dhn_ptr += d * state_stride_d
-    h0_ptr += d * state_stride_d
-    c0_ptr += d * state_stride_d
-    dh0_ptr += d * state_stride_d
-    carry_ptr += d * state_stride_d
-    saved_ptr += d * T * state_stride_d * NUM_SAVED
-    cs_ptr += d * T * state_stride_d
-    dqn_ptr += d * T * state_stride_d
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
     offs_k = tl.arange(0, BLOCK_K)
     mask_u = offs_u < H
@@ -253,7 +221,7 @@ def cooperative_bwd_kernel(
                                          DOT_DTYPE)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
-    counter = sync_ptr + d * num_groups + group
+    counter = sync_ptr + group
 
     s = s_begin
     alive = s_begin >= 0

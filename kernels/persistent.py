@@ -23,12 +23,12 @@ left operand of each dot: gates^T = W_k @ h^T. With 128 units that is an M=128 d
 as wgmma reading W straight from shared memory; the other order would stream all of W through
 registers every step and spill at H = 128.
 
-Directions: W_hh may hold D = 1 or 2 directions' weights stacked ([D*NUM_GATES*H, H]); the grid's
-second axis is the direction d, whose program reads and writes direction d's slice of every tensor:
-columns d*NUM_GATES*H.. of xp, columns d*H.. of y (so a bidirectional layer's output is written
-concatenated, as torch.nn returns it), and [d] of the states and the saved tensors, which are stacked
-[D, ...]. Direction d runs reversed when reverse + d is odd, so a bidirectional layer's two directions
-run concurrently in one launch.
+Directions (D = DIRECTIONS = 1 or 2): with D = 2, W_hh holds both directions' weights stacked
+([2*NUM_GATES*H, H]), the grid's second axis is the direction d, and its programs read and write
+direction d's slice of every tensor: columns d*NUM_GATES*H.. of xp, columns d*H.. of y (so a
+bidirectional layer's output is written concatenated, as torch.nn returns it), and [d] of the states
+and saved tensors, which are stacked [D, ...]. Direction d runs reversed when reverse + d is odd, so
+a bidirectional layer's two directions run concurrently in one launch.
 
 Sizes need not be powers of two: tiles are padded to BLOCK_H / BLOCK_B and every load and store is
 masked. Offsets along T and B are computed in 64 bits.
@@ -57,24 +57,25 @@ def persistent_fwd_kernel(
     lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
     T, B, H, reverse,                   # reverse: 1 runs direction 0 last step first (see above)
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    d = tl.program_id(1)  # the direction
-    reverse = (reverse + d) % 2
-    xp_ptr += d * NUM_GATES * H
-    w_hh_ptr += d * NUM_GATES * H * H
-    b_hn_ptr += d * H
-    y_ptr += d * H
-    state_stride_d = tl.cast(B, tl.int64) * H  # products of sizes in 64 bits
-    h0_ptr += d * state_stride_d
-    c0_ptr += d * state_stride_d
-    hn_ptr += d * state_stride_d
-    cn_ptr += d * state_stride_d
-    saved_ptr += d * T * state_stride_d * NUM_SAVED
-    cs_ptr += d * T * state_stride_d
+    if DIRECTIONS == 2:  # a separate build: the moved pointers cost registers the one-way build lacks
+        d = tl.program_id(1)  # the direction
+        reverse = (reverse + d) % 2
+        xp_ptr += d * NUM_GATES * H
+        w_hh_ptr += d * NUM_GATES * H * H
+        b_hn_ptr += d * H
+        y_ptr += d * H
+        state_stride_d = tl.cast(B, tl.int64) * H  # products of sizes in 64 bits
+        h0_ptr += d * state_stride_d
+        c0_ptr += d * state_stride_d
+        hn_ptr += d * state_stride_d
+        cn_ptr += d * state_stride_d
+        saved_ptr += d * T * state_stride_d * NUM_SAVED
+        cs_ptr += d * T * state_stride_d
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
@@ -156,27 +157,28 @@ def persistent_bwd_kernel(
     lengths_ptr,                        # as in the forward
     T, B, H, reverse,                   # as in the forward
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, DIRECTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    d = tl.program_id(1)  # the direction, as in the forward
-    reverse = (reverse + d) % 2
-    dy_ptr += d * H
-    y_ptr += d * H
-    dxp_ptr += d * NUM_GATES * H
-    w_hh_ptr += d * NUM_GATES * H * H
-    state_stride_d = tl.cast(B, tl.int64) * H
-    dhn_ptr += d * state_stride_d
-    dcn_ptr += d * state_stride_d
-    h0_ptr += d * state_stride_d
-    c0_ptr += d * state_stride_d
-    dh0_ptr += d * state_stride_d
-    dc0_ptr += d * state_stride_d
-    saved_ptr += d * T * state_stride_d * NUM_SAVED
-    cs_ptr += d * T * state_stride_d
-    dqn_ptr += d * T * state_stride_d
+    if DIRECTIONS == 2:
+        d = tl.program_id(1)  # the direction, as in the forward
+        reverse = (reverse + d) % 2
+        dy_ptr += d * H
+        y_ptr += d * H
+        dxp_ptr += d * NUM_GATES * H
+        w_hh_ptr += d * NUM_GATES * H * H
+        state_stride_d = tl.cast(B, tl.int64) * H
+        dhn_ptr += d * state_stride_d
+        dcn_ptr += d * state_stride_d
+        h0_ptr += d * state_stride_d
+        c0_ptr += d * state_stride_d
+        dh0_ptr += d * state_stride_d
+        dc0_ptr += d * state_stride_d
+        saved_ptr += d * T * state_stride_d * NUM_SAVED
+        cs_ptr += d * T * state_stride_d
+        dqn_ptr += d * T * state_stride_d
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H

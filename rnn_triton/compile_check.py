@@ -87,9 +87,10 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
     cell = CELLS[cell_name]
+    base = kernel.removesuffix("_bidir")
     fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel, "fwd_packed": persistent_fwd_kernel,
           "bwd_packed": persistent_bwd_kernel, "coop_fwd": cooperative_fwd_kernel,
-          "coop_bwd": cooperative_bwd_kernel}[kernel]
+          "coop_bwd": cooperative_bwd_kernel}[base]
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
                       HAS_H0=True, BLOCK_B=block_b, DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
@@ -98,14 +99,15 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
         if kernel == "coop_bwd":
             constexprs["W_CHUNK"] = w_chunk
     else:  # "_packed": with per-row lengths (PackedSequence input), a heavier build
-        constexprs.update(BLOCK_H=block_h, HAS_LENGTHS=kernel.endswith("_packed"))
+        constexprs.update(BLOCK_H=block_h, HAS_LENGTHS=base.endswith("_packed"),
+                          DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
     if "fwd" in kernel:
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
                  aligned, precision, block_u)
     try:
         sig = _signature(fn, dtype, constexprs)
-        unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
+        unknown = ("T", "reverse", "dir_begin", "s_begin", "s_end", "max_spins")  # never assumed divisible
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if aligned and sig[name] != "constexpr" and name not in unknown}
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
@@ -151,7 +153,8 @@ def dispatcher_configs(probe: bool = False):
                 entries.append((top, warps, (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for block_h, warps, alignments in entries:
-            for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed"):
+            for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed", "fwd_bidir", "bwd_bidir",
+                           "fwd_packed_bidir", "bwd_packed_bidir"):
                 for aligned in alignments:
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
@@ -177,11 +180,12 @@ def is_dispatcher_config(r) -> bool:
     if r.kernel.startswith("coop"):
         entry = COOP_CONFIGS.get((r.cell, getattr(torch, r.dtype)), {}).get(r.block_h)
         return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h)
-    from .dispatch import PACKED_MULTIPLES_OF_16
+    from .dispatch import BIDIR_MULTIPLES_OF_16, PACKED_MULTIPLES_OF_16
     dtype = getattr(torch, r.dtype)
     entry = TILE_CONFIGS[(r.cell, dtype)].get(r.block_h)
     any_h = entry is not None and entry[1] and not (
-        r.kernel.endswith("_packed") and (r.cell, dtype, r.block_h) in PACKED_MULTIPLES_OF_16)
+        "_packed" in r.kernel and (r.cell, dtype, r.block_h) in PACKED_MULTIPLES_OF_16) and not (
+        r.kernel.endswith("_bidir") and (r.cell, dtype, r.block_h) in BIDIR_MULTIPLES_OF_16)
     return entry is not None and entry[0] == r.num_warps and (r.aligned or any_h)
 
 

@@ -13,7 +13,7 @@ the old module or its parameters would silently stop applying. Changing ``__clas
 rnn_triton's classes subclass the torch.nn ones and add no state of their own (no ``__init__``, no
 attributes, no buffers): the module's parameters, ``_flat_weights``, hooks, training flag, device,
 dtype and ``state_dict`` stay as they are, and only ``forward`` (and ``kernel_plan``) change. A module's
-configuration is not checked: one the kernels do not serve (``proj_size``, a too large hidden size)
+configuration is not checked: one the kernels do not serve (a too large hidden size)
 falls back to torch.nn's forward per call, or raises under ``RNN_TRITON_STRICT=1``, as with any
 rnn_triton module.
 

@@ -67,6 +67,19 @@ TILE_CONFIGS = {
 PACKED_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 128),
                           ("RNN_TANH", torch.float32, 64), ("RNN_RELU", torch.float32, 64)}
 
+#: Tile configurations whose two-direction build (both directions of a layer in one launch,
+#: ``DIRECTIONS=2``) spills at any H: there, H not a multiple of 16 runs its directions one after the
+#: other (compile check, kernels "*_bidir").
+BIDIR_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 128)}
+
+
+def directions_in_one_launch(cell: str, dtype: torch.dtype, block_h: int, hidden_size: int) -> bool:
+    """Whether a bidirectional tile-persistent layer runs both directions in one launch (the
+    cooperative kernels always run them one after the other)."""
+    key = (cell, torch.float32 if dtype == torch.float64 else dtype, block_h)
+    return hidden_size % 16 == 0 or key not in BIDIR_MULTIPLES_OF_16
+
+
 #: The batch rows one program owns. 16 is the smallest N of a tensor-core dot.
 BLOCK_B = 16
 
@@ -195,11 +208,10 @@ def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, varia
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
-           props: Optional[DeviceProps] = None, packed: bool = False, directions: int = 1) -> Plan:
+           props: Optional[DeviceProps] = None, packed: bool = False) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
-    ``dtype``, its ``directions`` run in one launch. ``props``: the GPU's properties (read from
-    ``device`` when not given). ``packed``: per-row lengths, which only the tile-persistent kernel
-    takes."""
+    ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
+    per-row lengths, which only the tile-persistent kernel takes."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -233,8 +245,5 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
         return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
-    # Both directions' programs at once where they all fit (then one launch); else each direction
-    # gets the whole GPU in turn (ops runs one launch per direction).
-    per_launch = units * directions if units * directions <= capacity else units
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
-                             min(tiles, capacity // per_launch), coop.w_chunk))
+                             min(tiles, capacity // units), coop.w_chunk))

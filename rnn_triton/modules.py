@@ -61,8 +61,7 @@ class _TritonRecurrent:
             batch = int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
-                               directions=2 if self.bidirectional else 1)
+        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed)
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):

@@ -120,70 +120,86 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     has_h0 = h0 is not None
     constexprs = dict(CELL=cell_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
                       SAVE=save, BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
+    w_hh = w_hh.contiguous()
     b_hn = b_hn.contiguous() if b_hn is not None else xp.new_zeros(D * H)
-    if variant != "tile-persistent":
+    h0 = h0.contiguous() if has_h0 else None
+    c0 = c0.contiguous() if c0 is not None else None
+    GH = cell.num_gates * H
+    tile = variant == "tile-persistent"
+    # Both directions in one launch where that build fits (the tile kernel); else one after the other.
+    together = tile and D == 2 and dispatch.directions_in_one_launch(cell.name, xp.dtype, block_h, H)
+    if not tile:
         # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
         init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
-        carry = init.to(acc, copy=True).contiguous() if init is not None else xp.new_zeros(D, B, H, dtype=acc)
+        carry = init.to(acc, copy=True) if init is not None else xp.new_zeros(D, B, H, dtype=acc)
+    for d in [None] if together or D == 1 else range(D):
+        # direction d's slices (all directions when d is None)
+        xp_d, y_d = _columns(xp_tm, d, GH), _columns(y_tm, d, H)
+        w_d, b_d = _at(w_hh.view(D, GH, H), d), _at(b_hn.view(D, H), d)
+        h0_d, c0_d, hn_d, cn_d, saved_d, cs_d = (_at(t, d) for t in (h0, c0, hn, cn, saved, cs))
+        rev = int(reverse) if d is None else int(_reversed(reverse, d))
+        if tile:
+            persistent_fwd_kernel[(triton_cdiv(B, block_b), D if d is None else 1)](
+                xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d,
+                hn_d if h0_d is None else h0_d, hn_d if c0_d is None else c0_d,
+                y_d, y_d.stride(0), y_d.stride(1),
+                hn_d, cn_d, saved_d, cs_d, lengths if lengths is not None else hn_d,
+                T, B, H, rev,
+                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
+                **constexprs, num_warps=num_warps, num_stages=1,
+            )
+            runtime.launches["persistent_fwd"] += 1
+            continue
+        carry_d = _at(carry, d)
         _run_cooperative(
-            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups, D), T, "fwd",
-            (xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh.contiguous(), b_hn,
-             h0.contiguous() if has_h0 else hn,
-             y_tm, y_tm.stride(0), y_tm.stride(1), carry, saved, cs),
-            (T, B, H, int(reverse)),
+            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd",
+            (xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d, hn_d if h0_d is None else h0_d,
+             y_d, y_d.stride(0), y_d.stride(1), carry_d, saved_d, cs_d),
+            (T, B, H, rev),
             dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
-        for d in range(D):  # each direction's last step
-            hn[d].copy_(y_tm[0 if _reversed(reverse, d) else T - 1, :, d * H:(d + 1) * H])
+        hn_d.copy_(y_d[0 if rev else T - 1])
         if cell_id == _LSTM:
-            cn.copy_(carry)
-        return y, hn, cn, saved, cs
-    persistent_fwd_kernel[(triton_cdiv(B, block_b), D)](
-        xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh.contiguous(), b_hn,
-        h0.contiguous() if has_h0 else hn, c0.contiguous() if c0 is not None else hn,
-        y_tm, y_tm.stride(0), y_tm.stride(1),
-        hn, cn, saved, cs, lengths if lengths is not None else hn,
-        T, B, H, int(reverse),
-        BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, **constexprs,
-        num_warps=num_warps, num_stages=1,
-    )
-    runtime.launches["persistent_fwd"] += 1
+            cn_d.copy_(carry_d)
     return y, hn, cn, saved, cs
 
 
-def _run_cooperative(kernel, variant, grid, T, direction, args, sizes, constexprs, num_warps):
-    """Run a cooperative kernel over all its steps (T forward, T + 1 backward) for its D directions
-    (``grid`` = (unit blocks, batch groups, D)): one launch whose programs meet at a grid barrier each
-    step, one such launch per direction where both directions' programs would not all be resident at
-    once, or (``stepwise``) one launch per step.
+def _columns(t: Tensor, d: Optional[int], width: int) -> Tensor:
+    """Direction d's columns of ``t`` (a view), or all of it when d is None."""
+    return t if d is None else t[..., d * width:(d + 1) * width]
 
-    The barrier counts arrivals per direction and batch group; a program that waits past
-    BARRIER_MAX_SPINS sets the error flag and leaves, and this raises, rather than hang the GPU.
+
+def _at(t: Optional[Tensor], d: Optional[int]) -> Optional[Tensor]:
+    """Direction d's slice of a [D, ...] tensor (a view), or all of it when d is None; None and empty
+    placeholders as they are."""
+    return t if t is None or d is None or t.numel() == 0 else t[d]
+
+
+def _run_cooperative(kernel, variant, grid, T, direction, args, sizes, constexprs, num_warps):
+    """Run a cooperative kernel over all its steps (T forward, T + 1 backward): one launch whose
+    programs meet at a grid barrier each step, or (``stepwise``) one launch per step.
+
+    The barrier counts arrivals per batch group; a program that waits past BARRIER_MAX_SPINS sets the
+    error flag and leaves, and this raises, rather than hang the GPU.
     """
     device = args[0].device
-    units, groups, D = grid
     steps = T if direction == "fwd" else T + 1
-    sync = torch.zeros(D * groups, dtype=torch.int32, device=device)
+    sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
     error = torch.zeros(1, dtype=torch.int32, device=device)
-    cooperative = variant == "cooperative" and steps * units < 2 ** 31  # the barrier's int32 count
-    launches = [(0, D, 0, steps)]  # (first direction, directions, first step, end step)
+    cooperative = variant == "cooperative" and steps * grid[0] < 2 ** 31  # the barrier's int32 count
     if cooperative and device.type == "cuda":
-        def resident(dirs):
-            full_args = (*args, sync, error, *sizes, 0, 0, steps, BARRIER_MAX_SPINS)
-            return _all_resident(kernel, (units, groups, dirs), full_args, constexprs, num_warps, device)
-        if not resident(D):
-            launches = [(d, 1, 0, steps) for d in range(D)]
-            cooperative = resident(1)
-    if not cooperative:
-        launches = [(0, D, s, s + 1) for s in range(steps)]
-    for dir_begin, dirs, begin, end in launches:
-        kernel[(units, groups, dirs)](*args, sync, error, *sizes, dir_begin, begin, end, BARRIER_MAX_SPINS,
-                                      COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
-    runtime.launches[f"{'cooperative' if cooperative else 'stepwise'}_{direction}"] += len(launches)
+        full_args = (*args, sync, error, *sizes, 0, steps, BARRIER_MAX_SPINS)
+        cooperative = _all_resident(kernel, grid, full_args, constexprs, num_warps, device)
+    variant = "cooperative" if cooperative else "stepwise"
+    launches = [(0, steps)] if cooperative else [(s, s + 1) for s in range(steps)]
+    for begin, end in launches:
+        kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
+                     COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
+    runtime.launches[f"{variant}_{direction}"] += len(launches)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if cooperative and not capturing and error.item():
         raise RuntimeError(f"rnn_triton: the cooperative {direction} kernel's grid barrier timed out: its "
-                           f"{units * groups} programs per direction were not all resident on the GPU at "
-                           f"once (another kernel running concurrently?). Its outputs are invalid.")
+                           f"{grid[0] * grid[1]} programs were not all resident on the GPU at once (another "
+                           f"kernel running concurrently?). Its outputs are invalid.")
 
 
 _resident_cache: dict = {}
@@ -201,7 +217,7 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
         compiled._init_handles()
         props = dispatch.device_props(device)
         per_sm = dispatch.resident_blocks(props, num_warps, compiled.n_regs, compiled.metadata.shared)
-        _resident_cache[key] = grid[0] * grid[1] * grid[2] <= props.sm_count * per_sm
+        _resident_cache[key] = grid[0] * grid[1] <= props.sm_count * per_sm
     return _resident_cache[key]
 
 
@@ -251,35 +267,49 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         has_h0 = h0 is not None
         constexprs = dict(CELL=cell_id, NUM_GATES=G, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
                           BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
-        h0_arg = h0.contiguous() if has_h0 else dh0
-        c0_arg = c0.contiguous() if c0 is not None else dh0
-        if variant == "tile-persistent":
-            persistent_bwd_kernel[(triton_cdiv(B, block_b), D)](
-                dy_tm, dy_tm.stride(0), dy_tm.stride(1),
-                dhn.contiguous(), dcn.contiguous() if cell_id == _LSTM else dhn,
-                w_hh.contiguous(), saved, cs, h0_arg, c0_arg,
-                y_tm, y_tm.stride(0), y_tm.stride(1),
-                dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0,
-                lengths if lengths is not None else dh0,
-                T, B, H, int(reverse),
-                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, **constexprs,
-                num_warps=num_warps, num_stages=1,
-            )
-            runtime.launches["persistent_bwd"] += 1
-        else:
+        GH = G * H
+        dhn, w_hh = dhn.contiguous(), w_hh.contiguous()
+        dcn = dcn.contiguous() if cell_id == _LSTM else None
+        h0 = h0.contiguous() if has_h0 else None
+        c0 = c0.contiguous() if c0 is not None else None
+        tile = variant == "tile-persistent"
+        together = tile and D == 2 and dispatch.directions_in_one_launch(cell.name, y.dtype, block_h, H)
+        if not tile:
             # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
             acc = _acc_torch_dtype(y.dtype)
-            carry = dcn.to(acc, copy=True).contiguous() if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
+            carry = dcn.to(acc, copy=True) if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
+            w_t = w_hh.view(D * G, H, H).transpose(1, 2).contiguous().view(D, GH, H)  # W_k^T per gate
+        for d in [None] if together or D == 1 else range(D):
+            # direction d's slices (all directions when d is None)
+            dy_d, y_d, dxp_d = _columns(dy_tm, d, H), _columns(y_tm, d, H), _columns(dxp_tm, d, GH)
+            dhn_d, dcn_d, h0_d, c0_d, saved_d, cs_d, dqn_d, dh0_d, dc0_d = (
+                _at(t, d) for t in (dhn, dcn, h0, c0, saved, cs, dqn, dh0, dc0))
+            h0_arg = dh0_d if h0_d is None else h0_d
+            c0_arg = dh0_d if c0_d is None else c0_d
+            rev = int(reverse) if d is None else int(_reversed(reverse, d))
+            if tile:
+                persistent_bwd_kernel[(triton_cdiv(B, block_b), D if d is None else 1)](
+                    dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, dhn_d if dcn_d is None else dcn_d,
+                    _at(w_hh.view(D, GH, H), d), saved_d, cs_d, h0_arg, c0_arg,
+                    y_d, y_d.stride(0), y_d.stride(1),
+                    dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, dc0_d,
+                    lengths if lengths is not None else dh0_d,
+                    T, B, H, rev,
+                    BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
+                    **constexprs, num_warps=num_warps, num_stages=1,
+                )
+                runtime.launches["persistent_bwd"] += 1
+                continue
+            carry_d = _at(carry, d)
             _run_cooperative(
-                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups, D), T, "bwd",
-                (dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn.contiguous(),
-                 w_hh.view(D * G, H, H).transpose(1, 2).contiguous(), saved, cs,
-                 h0_arg, c0_arg, y_tm, y_tm.stride(0), y_tm.stride(1),
-                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry),
-                (T, B, H, int(reverse)),
+                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd",
+                (dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, _at(w_t, d), saved_d, cs_d,
+                 h0_arg, c0_arg, y_d, y_d.stride(0), y_d.stride(1),
+                 dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, carry_d),
+                (T, B, H, rev),
                 dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk), num_warps)
             if cell_id == _LSTM:
-                dc0.copy_(carry)
+                dc0_d.copy_(carry_d)
     else:  # no steps: the gradients pass straight through
         dh0.copy_(dhn)
         if cell_id == _LSTM:

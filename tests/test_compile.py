@@ -59,7 +59,7 @@ def _fwd_args(cell, with_grad, H=16, D=1):
     H = 100 (RNN, float32) cooperative (stepwise in the interpreter)."""
     spec = dispatch.CELLS[cell]
     T, B, GH = 5, 3, spec.num_gates * H
-    c = dispatch.choose(cell, H, torch.float32, DEVICE, B, directions=D).config
+    c = dispatch.choose(cell, H, torch.float32, DEVICE, B).config
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
     return (t(T, B, D * GH), t(D * GH, H), t(D * H) if cell == "GRU" else None,
             t(D, B, H), t(D, B, H) if cell == "LSTM" else None, None, spec.kernel_id, False, False, with_grad,

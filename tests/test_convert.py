@@ -25,12 +25,12 @@ def _launched(direction: str, counts=None) -> int:
 
 
 class Net(nn.Module):
-    """Every cell kind, batch-first and sequence-first, one layer and two bidirectional."""
+    """Every cell kind, batch-first and sequence-first, one layer and two bidirectional, a projection."""
 
     def __init__(self):
         super().__init__()
-        self.lstm = nn.LSTM(I, 8, batch_first=True)
-        self.gru = nn.GRU(8, 6, num_layers=2, bidirectional=True)
+        self.lstm = nn.LSTM(I, 8, batch_first=True, proj_size=3)
+        self.gru = nn.GRU(3, 6, num_layers=2, bidirectional=True)
         self.rnn = nn.RNN(12, 5, nonlinearity="relu", batch_first=True)
         self.head = nn.Linear(5, 2)
 

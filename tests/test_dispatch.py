@@ -67,10 +67,12 @@ def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tm
         chosen = [r for r in mine if compile_check.is_dispatcher_config(compile_check.Result(
             **{k: v for k, v in r.items() if k != "ok"}))]
         assert len(chosen) >= 4 * len(table) and all(r["ok"] and r["spill_bytes"] == 0 for r in chosen)
-        for bad in dispatch.PACKED_MULTIPLES_OF_16:  # the exclusions are measured, not guessed
-            if bad[:2] == (cell, dtype):
-                packed = [r for r in mine if r["kernel"].endswith("_packed") and r["block_h"] == bad[2]]
-                assert any(not r["ok"] for r in packed if not r["aligned"]), f"{bad}: any H fits packed"
+        for excluded, suffix in ((dispatch.PACKED_MULTIPLES_OF_16, "_packed"),
+                                 (dispatch.BIDIR_MULTIPLES_OF_16, "_bidir")):
+            for bad in excluded:  # the exclusions are measured, not guessed
+                if bad[:2] == (cell, dtype):
+                    builds = [r for r in mine if r["kernel"].endswith(suffix) and r["block_h"] == bad[2]]
+                    assert any(not r["ok"] for r in builds if not r["aligned"]), f"{bad}: any H fits {suffix}"
         beyond = [r for r in mine if r["block_h"] == 2 * top]
         assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * top} fits too"
         if not table[top][1]:

@@ -1,6 +1,6 @@
 """A random draw from the whole configuration matrix per cell, fresh every run: num_layers,
-bidirectional, batch_first, bias, initial state, packed or padded (random lengths, sorted or not),
-dtype and sizes, each against torch.nn in float64 with every output and gradient checked."""
+bidirectional, batch_first, bias, proj_size (LSTM), initial state, packed or padded (random lengths,
+sorted or not), dtype and sizes, each against torch.nn in float64 with every output and gradient checked."""
 import random
 
 import pytest
@@ -21,9 +21,11 @@ def _draw(rng, cell):
     # hidden sizes the tile-persistent kernel takes in this dtype (packed input needs it)
     sizes = [h for h in (8, 16, 20, 32, 48) if dispatch.choose(cell, h, dtype, DEVICE).config is not None
              and dispatch.choose(cell, h, dtype, DEVICE).config.variant == "tile-persistent"]
-    return dict(layers=rng.choice([1, 2]), bidirectional=rng.random() < 0.5, batch_first=rng.random() < 0.5,
+    H = rng.choice(sizes)
+    proj = rng.randint(1, H - 1) if cell == "LSTM" and H > 1 and rng.random() < 0.4 else 0
+    return dict(proj_size=proj, layers=rng.choice([1, 2]), bidirectional=rng.random() < 0.5, batch_first=rng.random() < 0.5,
                 bias=rng.random() < 0.7, with_state=rng.random() < 0.5, packed=rng.random() < 0.5,
-                enforce_sorted=rng.random() < 0.5, dtype=dtype, H=rng.choice(sizes),
+                enforce_sorted=rng.random() < 0.5, dtype=dtype, H=H,
                 I=rng.choice([1, 3, 7]), B=rng.randint(1, 5), T=rng.randint(1, 7))
 
 
@@ -39,15 +41,17 @@ def test_random_configuration(cell, draw, seed):
         if c["enforce_sorted"]:
             lengths.sort(reverse=True)
         _packed_case(cell, lengths, c["enforce_sorted"], layers=c["layers"], bidirectional=c["bidirectional"],
-                     with_state=c["with_state"], dtype=c["dtype"], H=c["H"], I=c["I"], bias=c["bias"])
+                     with_state=c["with_state"], dtype=c["dtype"], H=c["H"], I=c["I"], bias=c["bias"],
+                     proj_size=c["proj_size"])
         return
     ours_cls, ref_cls, extra = CELLS[cell]
+    extra = dict(extra, **({"proj_size": c["proj_size"]} if c["proj_size"] else {}))
     module = ours_cls(c["I"], c["H"], num_layers=c["layers"], bias=c["bias"], batch_first=c["batch_first"],
                       bidirectional=c["bidirectional"], **extra).to(c["dtype"])
     shape = (c["B"], c["T"], c["I"]) if c["batch_first"] else (c["T"], c["B"], c["I"])
     hx = None
     if c["with_state"]:
         n = c["layers"] * (2 if c["bidirectional"] else 1)
-        hx = torch.randn(n, c["B"], c["H"], dtype=torch.float64)
+        hx = torch.randn(n, c["B"], c["proj_size"] or c["H"], dtype=torch.float64)
         hx = (hx, torch.randn(n, c["B"], c["H"], dtype=torch.float64)) if cell == "LSTM" else hx
     compare_with_torch(module, ref_cls, torch.randn(shape, dtype=torch.float64), hx, seed)

@@ -20,11 +20,11 @@ CELLS = {
 
 
 def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, with_state=False,
-                 dtype=torch.float64, H=16, I=5, bias=True):
+                 dtype=torch.float64, H=16, I=5, bias=True, proj_size=0):
     """Our module and its float64 torch.nn twin on the same packed batch: the packed output (data,
     batch sizes, indices), h_n (c_n) and every gradient (input, initial states, every parameter)."""
-    ours = CELLS[cell][0](I, H, num_layers=layers, bidirectional=bidirectional, bias=bias,
-                          **CELLS[cell][2]).to(dtype)
+    extra = dict(CELLS[cell][2], **({"proj_size": proj_size} if proj_size else {}))
+    ours = CELLS[cell][0](I, H, num_layers=layers, bidirectional=bidirectional, bias=bias, **extra).to(dtype)
     ref = twin(ours, CELLS[cell][1])
     ours.to(DEVICE)
     T, B = max(lengths), len(lengths)
@@ -32,7 +32,8 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
     states = []
     if with_state:
         n = layers * (2 if bidirectional else 1)
-        states = [torch.randn(n, B, H, dtype=torch.float64).to(dtype) for _ in range(2 if cell == "LSTM" else 1)]
+        widths = [proj_size or H, H] if cell == "LSTM" else [H]
+        states = [torch.randn(n, B, w, dtype=torch.float64).to(dtype) for w in widths]
     results = []
     before = dict(runtime.launches)
     runs = [(ours, DEVICE, dtype), (ref, "cpu", torch.float64)]
@@ -79,6 +80,11 @@ def test_packed_sequences(cell, enforce_sorted, seed):
 def test_packed_layers_and_directions(cell, seed):
     """Two layers, both directions: the reverse direction starts at each row's own last element."""
     _packed_case(cell, [3, 6, 1, 6], False, layers=2, bidirectional=True, with_state=True)
+
+
+def test_packed_projected_lstm(seed):
+    """proj_size with lengths: the initial h enters at each row's own first step in both directions."""
+    _packed_case("LSTM", [3, 6, 1, 6], False, layers=2, bidirectional=True, with_state=True, proj_size=7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
