@@ -74,15 +74,13 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
 
     ``lengths`` (int32 [B], on xp's device, each in 1..T): per-row sequence lengths, as a packed
     sequence has; a row stops at its length (y is zero past it, hn is its last state), and in reverse
-    it starts from its own last element. Tile-persistent variant only.
+    it starts from its own last element.
 
     Returns y (layout of xp), hn [B, H], cn [B, H] (LSTM; else empty), and, when ``save``, the
     per-step slots and cell states backward needs (else empty).
     """
     cell = _CELL_BY_ID[cell_id]
     _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
-    torch._check(lengths is None or variant == "tile-persistent",
-                 lambda: "per-row lengths run on the tile-persistent kernel only")
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
         xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
@@ -113,10 +111,13 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
             (xp_tm, xp_tm.stride(0), xp_tm.stride(1),
              w_hh.contiguous(), b_hn.contiguous() if b_hn is not None else xp.new_zeros(H),
              h0.contiguous() if has_h0 else hn,
-             y_tm, y_tm.stride(0), y_tm.stride(1), carry, saved, cs),
+             y_tm, y_tm.stride(0), y_tm.stride(1), carry, saved, cs, lengths if lengths is not None else hn),
             (T, B, H, int(reverse)),
-            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
-        hn.copy_(y_tm[0 if reverse else T - 1])
+            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, HAS_LENGTHS=lengths is not None), num_warps)
+        if reverse or lengths is None:
+            hn.copy_(y_tm[0 if reverse else T - 1])
+        else:  # each row's last h, at its own last step (the carry past it is untouched: cn is right)
+            hn.copy_(y_tm[lengths.long() - 1, torch.arange(B, device=y.device)])
         if cell_id == _LSTM:
             cn.copy_(carry)
         return y, hn, cn, saved, cs
@@ -248,9 +249,11 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                 (dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn.contiguous(),
                  w_hh.view(G, H, H).transpose(1, 2).contiguous(), saved, cs,
                  h0_arg, c0_arg, y_tm, y_tm.stride(0), y_tm.stride(1),
-                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry),
+                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, carry,
+                 lengths if lengths is not None else dh0),
                 (T, B, H, int(reverse)),
-                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk), num_warps)
+                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk,
+                     HAS_LENGTHS=lengths is not None), num_warps)
             if cell_id == _LSTM:
                 dc0.copy_(carry)
     else:  # no steps: the gradients pass straight through
