@@ -22,6 +22,13 @@ The backward keeps its W_hh^T rows on chip (W_CHUNK = 0) or, where four gates' w
 (LSTM and GRU beyond H = 512), re-reads them every step in chunks of W_CHUNK columns through the cache:
 a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2.
 
+Variable lengths (HAS_LENGTHS, a packed sequence), as in the tile-persistent loops: row b has length
+L_b, its forward step s is t = s (or L_b-1-s in reverse) while s < L_b, and its h_{t-1} is y at its own
+step s-1's t. Past its length a row reads and writes nothing, so its carry holds its last state (hn:
+y at its last t, gathered by the host). In the backward, row b has steps T-L_b .. T-1: dLoss/dhn
+enters at the first, before it the row gathers nothing and its carry (dLoss/dcn) waits; the gathered
+dr_k of step s-1 is at the row's own t_next. The build without lengths keeps its scalar t.
+
 The carry lives in a [B, H] fp32 buffer that only its owner reads and writes, once per step, so one
 kernel body serves both launch modes:
 
@@ -37,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_gate_tiles, load_slots, row_offsets, step_offsets, store_slots
+from .tiles import load_gate_tiles, load_slots, row_offsets, row_steps, step_offsets, store_slots
 
 
 @triton.jit
@@ -79,10 +86,11 @@ def cooperative_fwd_kernel(
     y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output; also the published h_t
     carry_ptr,                          # [B, H] accumulation dtype: c (LSTM) or h (GRU), in and out
     saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
     sync_ptr, error_ptr,                # [groups] int32 arrivals (zeroed), [1] int32 error flag
     T, B, H, reverse, s_begin, s_end, max_spins,
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr, COOPERATIVE: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -109,21 +117,38 @@ def cooperative_fwd_kernel(
         if COOPERATIVE:  # everyone's h_{t-1} is published
             alive = _barrier_wait(counter, s * num_units, max_spins)
             tl.store(error_ptr, 1, mask=alive == 0)
-        t = s + reverse * (T - 1 - 2 * s)
-        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)  # clamped; unread at s = 0
+        if not HAS_LENGTHS:  # one t for all rows (else per row, below)
+            t = s + reverse * (T - 1 - 2 * s)
+            t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)  # clamped; unread at s = 0
         for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
             offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
             mask_b = offs_b < B
             mask = mask_u[:, None] & mask_b[None, :]
+            if HAS_LENGTHS:
+                # Each row's own t and t_prev (its step s-1's t), [1, BLOCK_B]; a row past its length
+                # reads nothing and writes nothing, so its carry keeps its last state (all rows have step 0).
+                lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+                t, _ = row_steps(s, lengths, reverse, T)
+                t_prev, _ = row_steps(s - 1, lengths, reverse, T)
+                rows = mask_b & (s < lengths)
+                mask = mask_u[:, None] & rows[None, :]
             state_offs = row_offsets(offs_b, H, offs_u)
             # h_{t-1} of all units: y[t-1], or h0 at the first step (one load: two loads summed would
             # keep the whole tile in registers). Other programs wrote most of it: read it from L2.
             first = s == 0
-            h_prev_ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
-            h_prev_stride = tl.where(first, H, stride_y_b)
             mask_prev = mask_k[:, None] & _rows_if(offs_b, B, HAS_H0 | (s > 0))[None, :]
-            h_all = tl.load(h_prev_ptr + row_offsets(offs_b, h_prev_stride, offs_k), mask=mask_prev,
-                            other=0.0, cache_modifier=".cg")
+            if HAS_LENGTHS:
+                h_prev_ptr = tl.where(first, h0_ptr, y_ptr)
+                h_prev_offs = step_offsets(t_prev, tl.where(first, 0, stride_y_t),
+                                           row_offsets(offs_b, tl.where(first, H, stride_y_b), offs_k))
+                mask_prev = mask_k[:, None] & (_rows_if(offs_b, B, HAS_H0 | (s > 0)) & rows)[None, :]
+                h_all = tl.load(h_prev_ptr + h_prev_offs, mask=mask_prev, other=0.0,
+                                cache_modifier=".cg")
+            else:
+                h_prev_ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
+                h_prev_stride = tl.where(first, H, stride_y_b)
+                h_all = tl.load(h_prev_ptr + row_offsets(offs_b, h_prev_stride, offs_k), mask=mask_prev,
+                                other=0.0, cache_modifier=".cg")
             h_all = h_all.to(DOT_DTYPE)
             carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
             x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t,
@@ -144,6 +169,14 @@ def cooperative_fwd_kernel(
             if NUM_GATES > 3:
                 a3 = tl.dot(w3, h_all, acc=x3, input_precision=PRECISION)
             h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, 0.0, carry, carry)  # b_hn is in a2
+            if HAS_LENGTHS:
+                if CELL == GRU:
+                    # t and the row mask again, from a second read of the lengths (.cg: not merged with
+                    # the first). Kept live across the dots they spill the GRU at BLOCK_K = 512, while
+                    # the LSTM spills at 1024 with the re-read (4 bytes either way; sm_90 compile check).
+                    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
+                    t, _ = row_steps(s, lengths, reverse, T)
+                    mask = mask_u[:, None] & (mask_b & (s < lengths))[None, :]
             y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
             tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
             if CELL == LSTM:
@@ -198,10 +231,11 @@ def cooperative_bwd_kernel(
     dqn_ptr,                            # [T, B, H] out (GRU): dLoss/d(h @ W_hn^T), contiguous
     dh0_ptr,                            # [B, H] out
     carry_ptr,                          # [B, H] accumulation dtype: dc (LSTM), z*dh (GRU), in and out
+    lengths_ptr,                        # as in the forward
     sync_ptr, error_ptr,                # as in the forward
     T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
-    HAS_H0: tl.constexpr, COOPERATIVE: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -230,19 +264,32 @@ def cooperative_bwd_kernel(
             alive = _barrier_wait(counter, s * num_units, max_spins)
             tl.store(error_ptr, 1, mask=alive == 0)
         active = s < T  # step T only gathers dh0
-        t_raw = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's step; off the end at s = T
-        t = tl.minimum(tl.maximum(t_raw, 0), T - 1)  # clamped, so every address stays in bounds
-        t_next = tl.minimum(tl.maximum(t_raw + 1 - 2 * reverse, 0), T - 1)  # step s-1's t
-        t_prev = tl.minimum(tl.maximum(t_raw - 1 + 2 * reverse, 0), T - 1)  # the state before step t
+        if not HAS_LENGTHS:  # one t for all rows (else per row, below)
+            t_raw = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's step; off the end at s = T
+            t = tl.minimum(tl.maximum(t_raw, 0), T - 1)  # clamped, so every address stays in bounds
+            t_next = tl.minimum(tl.maximum(t_raw + 1 - 2 * reverse, 0), T - 1)  # step s-1's t
+            t_prev = tl.minimum(tl.maximum(t_raw - 1 + 2 * reverse, 0), T - 1)  # the state before step t
         has_prev = s < T - 1
         for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
             offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
             mask_b = offs_b < B
             mask = mask_u[:, None] & mask_b[None, :]
-            mask_all = mask_k[:, None] & _rows_if(offs_b, B, s > 0)[None, :]  # nothing before step 0
             state_offs = row_offsets(offs_b, H, offs_u)
+            if HAS_LENGTHS:
+                # Row b has the forward's steps fs < L_b, so backward steps T - L_b .. T - 1: before
+                # them it gathers nothing and its carry (dLoss/dcn for the LSTM) waits untouched;
+                # dLoss/dhn enters at the first. t, t_next, t_prev: its own, as [1, BLOCK_B] tiles.
+                fs = T - 1 - s  # the forward's step; -1 at s = T
+                lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+                t, live = row_steps(fs, lengths, reverse, T)
+                t_next, _ = row_steps(fs + 1, lengths, reverse, T)  # its step s-1's t
+                t_prev, _ = row_steps(fs - 1, lengths, reverse, T)  # the state before step t
+                rows_prev = fs + 1 < lengths  # step s-1 was the row's (none at s = 0; none beyond B)
+                rows_hn = mask_b & (fs == lengths - 1)
+            else:
+                rows_prev = _rows_if(offs_b, B, s > 0)  # nothing before step 0
+                rows_hn = _rows_if(offs_b, B, s == 0)
             # dh = sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
-            rows_prev = _rows_if(offs_b, B, s > 0)  # nothing before step 0
             if W_CHUNK == 0:
                 dh = _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b, state_stride_t,
                              offs_b, rows_prev, offs_k, mask_k, H, CELL, NUM_GATES, DOT_DTYPE, ACC, PRECISION)
@@ -256,8 +303,7 @@ def cooperative_bwd_kernel(
                     dh += _gather(c0_, c1_, c2_, c3_, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b,
                                   state_stride_t, offs_b, rows_prev, offs_c, mask_c, H, CELL, NUM_GATES,
                                   DOT_DTYPE, ACC, PRECISION)
-            dh += tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & _rows_if(offs_b, B, s == 0)[None, :],
-                          other=0.0).to(ACC)
+            dh += tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & rows_hn[None, :], other=0.0).to(ACC)
             carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
             if CELL == GRU:
                 dh += carry
@@ -265,6 +311,8 @@ def cooperative_bwd_kernel(
                      mask=mask_u[:, None] & _rows_if(offs_b, B, s == T)[None, :])
 
             step = mask_u[:, None] & _rows_if(offs_b, B, active)[None, :]
+            if HAS_LENGTHS:
+                step = step & live  # before its first step a row reads and writes nothing
             dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, row_offsets(offs_b, stride_dy_b, offs_u)),
                           mask=step, other=0.0).to(ACC)
             s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t,

@@ -2,6 +2,7 @@
 
     python -m rnn_triton.compile_check            # table of the dispatcher's configurations
     python -m rnn_triton.compile_check --probe    # also the next size up, to show where the limit is
+    python -m rnn_triton.compile_check --kernels coop_fwd_packed coop_bwd_packed   # only these kernels
 
 For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory and
 whether tensor-core instructions (mma/wgmma) are in the PTX. A configuration passes when it does not
@@ -50,7 +51,7 @@ class Result:
         if self.kernel.startswith("coop"):  # within what the capacity model assumes
             from .dispatch import COOP_CONFIGS
             declared = COOP_CONFIGS.get((self.cell, getattr(torch, self.dtype)), {}).get(self.block_h)
-            return declared is None or (self.registers <= declared.registers
+            return declared is None or (self.registers <= declared.registers_for(self.kernel.endswith("_packed"))
                                         and self.shared_bytes <= declared.shared_bytes)
         return True
 
@@ -73,8 +74,8 @@ def _signature(fn, dtype, constexprs):
 def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
                 num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0,
                 w_chunk: int = 0) -> Result:
-    """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent; fwd_packed / bwd_packed with
-    per-row lengths) or coop_fwd / coop_bwd (cooperative, built with its barrier). ``aligned``
+    """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent) or coop_fwd / coop_bwd
+    (cooperative, built with its barrier), each also as *_packed (with per-row lengths). ``aligned``
     mirrors the launch-time specialisation Triton applies when H (hence every stride) is a multiple
     of 16: pointers and integers divisible by 16. Without it, nothing is assumed, as for H = 100."""
     import triton
@@ -90,17 +91,19 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     base = kernel.removesuffix("_bidir")
     fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel, "fwd_packed": persistent_fwd_kernel,
           "bwd_packed": persistent_bwd_kernel, "coop_fwd": cooperative_fwd_kernel,
-          "coop_bwd": cooperative_bwd_kernel}[base]
+          "coop_bwd": cooperative_bwd_kernel, "coop_fwd_packed": cooperative_fwd_kernel,
+          "coop_bwd_packed": cooperative_bwd_kernel}[base]
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
     constexprs = dict(CELL=cell.kernel_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved,
                       HAS_H0=True, BLOCK_B=block_b, DOT_DTYPE=dot, ACC=tl.float32, PRECISION=precision)
+    # "_packed": with per-row lengths (PackedSequence input), a heavier build
+    constexprs["HAS_LENGTHS"] = "_packed" in kernel
     if kernel.startswith("coop"):
         constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, COOPERATIVE=True)
-        if kernel == "coop_bwd":
+        if kernel.startswith("coop_bwd"):
             constexprs["W_CHUNK"] = w_chunk
-    else:  # "_packed": with per-row lengths (PackedSequence input), a heavier build
-        constexprs.update(BLOCK_H=block_h, HAS_LENGTHS=base.endswith("_packed"),
-                          DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
+    else:
+        constexprs.update(BLOCK_H=block_h, DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
     if "fwd" in kernel:
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
@@ -167,7 +170,7 @@ def dispatcher_configs(probe: bool = False):
                 entries.append((top, table[top], (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for block_k, c, alignments in entries:
-            for kernel in ("coop_fwd", "coop_bwd"):
+            for kernel in ("coop_fwd", "coop_bwd", "coop_fwd_packed", "coop_bwd_packed"):
                 for aligned in alignments:
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, aligned, precision,
@@ -220,10 +223,12 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", action="store_true", help="also compile the next size up")
     parser.add_argument("--json", help="write the results as JSON to this file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernels", nargs="+", metavar="KERNEL",
+                        help="only these kernels (fwd, bwd, coop_fwd, coop_bwd, each also *_packed)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
-    configs = dispatcher_configs(args.probe)
+    configs = [c for c in dispatcher_configs(args.probe) if not args.kernels or c[0] in args.kernels]
     results = run(configs, args.jobs)
     print(format_table(results))
     if args.json:

@@ -94,6 +94,12 @@ class CoopConfig:
     registers: int      # per thread
     shared_bytes: int   # per program
     w_chunk: int = 0    # backward: 0 keeps W_hh^T on chip; else re-read per step, this many columns at a time
+    packed_registers: int = 0  # per thread with per-row lengths (builds *_packed), where more than registers
+
+    def registers_for(self, packed: bool) -> int:
+        """Registers per thread of the builds a call runs: with per-row lengths (PackedSequence input)
+        the RNN cells' builds take more, the LSTM's and GRU's no more (so their ``registers`` hold)."""
+        return max(self.registers, self.packed_registers) if packed else self.registers
 
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -108,10 +114,13 @@ _LSTM_COOP = {128: _C(8, True, 192, 21 * _K), 256: _C(8, True, 208, 41 * _K),
               512: _C(8, False, 200, 81 * _K), 1024: _C(8, False, 128, 161 * _K, w_chunk=128)}
 _GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K),
              1024: _C(8, False, 128, 129 * _K, w_chunk=128)}
-_RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K), 512: _C(8, True, 96, 33 * _K),
-                  1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K)}
-_RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K),
-                  512: _C(8, True, 80, 65 * _K), 1024: _C(8, True, 128, 129 * _K)}
+# The RNN cells' builds with per-row lengths take more registers at some sizes (most of all any H:
+# 120, 122, 208 half; 111, 105 float32), the LSTM's and GRU's fewer: hence packed_registers.
+_RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K, packed_registers=120),
+                  512: _C(8, True, 96, 33 * _K, packed_registers=128),
+                  1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K, packed_registers=208)}
+_RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K, packed_registers=112),
+                  512: _C(8, True, 80, 65 * _K, packed_registers=112), 1024: _C(8, True, 128, 129 * _K)}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two): CoopConfig}, read off the sm_90 compile check. Float32 LSTM and GRU spill at any size
 #: (no tensor-core dot); LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
@@ -211,7 +220,8 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
            props: Optional[DeviceProps] = None, packed: bool = False) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
     ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
-    per-row lengths, which only the tile-persistent kernel takes."""
+    per-row lengths (PackedSequence input): every variant takes them, in a build of its own (the
+    kernels' HAS_LENGTHS), which at some sizes takes fewer H (``PACKED_MULTIPLES_OF_16``)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -229,11 +239,12 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
         packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16)
     if block_h in configs and (any_h or hidden_size % 16 == 0):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
-    if packed:
-        return Plan(None, f"PackedSequence input runs on the tile-persistent kernel only, which does not "
-                          f"take hidden_size={hidden_size} for {cell} in {dtype}")
     coop = COOP_CONFIGS.get(key, {}).get(block_h)
     if coop is None or not (coop.any_h or hidden_size % 16 == 0):
+        if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
+            return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "
+                              f"as a multiple of 16 (the tile-persistent kernel's build with lengths spills "
+                              f"otherwise)")
         return Plan(None, f"hidden_size={hidden_size} is above the kernels' limit for {cell} in {dtype}: "
                           f"{max_hidden(cell, dtype, False)}, or {max_hidden(cell, dtype, True)} for "
                           f"multiples of 16")
@@ -242,7 +253,8 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     if device.type == "cpu":  # the interpreter runs programs one after another: no barrier between them
         return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
     props = props or device_props(device)
-    capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
+    capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers_for(packed),
+                                                coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
         return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,

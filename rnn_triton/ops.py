@@ -89,7 +89,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
 
     ``lengths`` (int32 [B], on xp's device, each in 1..T): per-row sequence lengths, as a packed
     sequence has; a row stops at its length (y is zero past it, hn is its last state), and in reverse
-    it starts from its own last element. Tile-persistent variant only.
+    it starts from its own last element.
 
     Returns y [T, B, D*H] (layout of xp; the directions concatenated, as torch.nn's output), hn
     [D, B, H], cn [D, B, H] (LSTM; else empty), and, when ``save``, the per-step slots and cell states
@@ -97,8 +97,6 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     """
     cell = _CELL_BY_ID[cell_id]
     D = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
-    torch._check(lengths is None or variant == "tile-persistent",
-                 lambda: "per-row lengths run on the tile-persistent kernel only")
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
         xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
@@ -154,10 +152,14 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
         _run_cooperative(
             cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd",
             (xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d, hn_d if h0_d is None else h0_d,
-             y_d, y_d.stride(0), y_d.stride(1), carry_d, saved_d, cs_d),
+             y_d, y_d.stride(0), y_d.stride(1), carry_d, saved_d, cs_d,
+             lengths if lengths is not None else hn_d),
             (T, B, H, rev),
-            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h), num_warps)
-        hn_d.copy_(y_d[0 if rev else T - 1])
+            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, HAS_LENGTHS=lengths is not None), num_warps)
+        if rev or lengths is None:
+            hn_d.copy_(y_d[0 if rev else T - 1])
+        else:  # each row's last h, at its own last step (the carry past it is untouched: cn is right)
+            hn_d.copy_(y_d[lengths.long() - 1, torch.arange(B, device=y.device)])
         if cell_id == _LSTM:
             cn_d.copy_(carry_d)
     return y, hn, cn, saved, cs
@@ -305,9 +307,11 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                 cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd",
                 (dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, _at(w_t, d), saved_d, cs_d,
                  h0_arg, c0_arg, y_d, y_d.stride(0), y_d.stride(1),
-                 dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, carry_d),
+                 dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, carry_d,
+                 lengths if lengths is not None else dh0_d),
                 (T, B, H, rev),
-                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk), num_warps)
+                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk,
+                     HAS_LENGTHS=lengths is not None), num_warps)
             if cell_id == _LSTM:
                 dc0_d.copy_(carry_d)
     else:  # no steps: the gradients pass straight through

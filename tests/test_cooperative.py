@@ -136,9 +136,9 @@ def test_resident_blocks_takes_the_tightest_limit():
     assert dispatch.resident_blocks(LITTLE_SHARED, 8, 64, 128 * 1024) == 0
 
 
-def _expected(props, cell, dtype, H, B):
+def _expected(props, cell, dtype, H, B, packed=False):
     coop = COOP_CONFIGS[(cell, dtype)][dispatch.block_h_for(H)]
-    capacity = props.sm_count * dispatch.resident_blocks(props, coop.num_warps, coop.registers,
+    capacity = props.sm_count * dispatch.resident_blocks(props, coop.num_warps, coop.registers_for(packed),
                                                          coop.shared_bytes)
     units, tiles = -(-H // BLOCK_U), -(-B // BLOCK_B)
     return ("cooperative", min(tiles, capacity // units)) if units <= capacity else ("stepwise", tiles)
@@ -148,14 +148,16 @@ def _expected(props, cell, dtype, H, B):
 @pytest.mark.parametrize("cell,dtype,H", [(c, d, h) for (c, d), table in COOP_CONFIGS.items() for h in sorted(table)
                                           if h > dispatch.max_hidden(c, d, variant="tile-persistent")])
 @pytest.mark.parametrize("B", [1, 64])
-def test_dispatcher_capacity_model(props, cell, dtype, H, B):
-    plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props)
+@pytest.mark.parametrize("packed", [False, True])
+def test_dispatcher_capacity_model(props, cell, dtype, H, B, packed):
+    """Packed input (per-row lengths) takes the same variants, counted with its builds' registers."""
+    plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props, packed=packed)
     assert plan.uses_triton, plan.reason
-    variant, groups = _expected(props, cell, dtype, H, B)
+    variant, groups = _expected(props, cell, dtype, H, B, packed)
     assert (plan.config.variant, plan.config.groups, plan.config.block_u) == (variant, groups, BLOCK_U)
     if variant == "cooperative":  # never more programs than the GPU holds at once
         coop = COOP_CONFIGS[(cell, dtype)][plan.config.block_h]
-        per_sm = dispatch.resident_blocks(props, coop.num_warps, coop.registers, coop.shared_bytes)
+        per_sm = dispatch.resident_blocks(props, coop.num_warps, coop.registers_for(packed), coop.shared_bytes)
         assert -(-H // BLOCK_U) * plan.config.groups <= props.sm_count * per_sm
 
 

@@ -87,9 +87,10 @@ def _check_cooperative_results(results):
         name = str(dtype).replace("torch.", "")
         mine = [r for r in results if r["kernel"].startswith("coop") and r["cell"] == cell and r["dtype"] == name]
         chosen = [r for r in mine if r["block_h"] in table and (r["aligned"] or table[r["block_h"]].any_h)]
-        assert len(chosen) >= 2 * len(table) and all(r["ok"] for r in chosen), [r for r in chosen if not r["ok"]]
+        assert len(chosen) >= 4 * len(table) and all(r["ok"] for r in chosen), [r for r in chosen if not r["ok"]]
         for r in chosen:
             declared = table[r["block_h"]]
-            assert r["registers"] <= declared.registers and r["shared_bytes"] <= declared.shared_bytes, r
+            registers = declared.registers_for(r["kernel"].endswith("_packed"))
+            assert r["registers"] <= registers and r["shared_bytes"] <= declared.shared_bytes, r
         beyond = [r for r in mine if r["block_h"] == 2 * max(table)]
         assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * max(table)} fits too"

@@ -18,7 +18,8 @@ def _draw(rng, cell):
     dtypes = [torch.float64, torch.float32, torch.bfloat16] if DEVICE.type == "cpu" else \
         [torch.float32, torch.bfloat16, torch.float16]
     dtype = rng.choice(dtypes)
-    # hidden sizes the tile-persistent kernel takes in this dtype (packed input needs it)
+    # hidden sizes the tile-persistent kernel takes in this dtype (quick in the interpreter; test_packed and
+    # test_cooperative cover the cooperative kernels)
     sizes = [h for h in (8, 16, 20, 32, 48) if dispatch.choose(cell, h, dtype, DEVICE).config is not None
              and dispatch.choose(cell, h, dtype, DEVICE).config.variant == "tile-persistent"]
     H = rng.choice(sizes)

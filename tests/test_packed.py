@@ -1,15 +1,18 @@
 """PackedSequence in and out, against torch.nn in float64: variable lengths handled inside the kernel
-(a row stops at its length, h_n is its last state, the reverse direction starts from its own end)."""
+(a row stops at its length, h_n is its last state, the reverse direction starts from its own end), in
+the tile-persistent kernel and in the cooperative ones (stepwise in the interpreter)."""
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_triton
-from rnn_triton import runtime
+from rnn_triton import dispatch, runtime
+from rnn_triton.dispatch import BLOCK_B, BLOCK_U, KernelConfig, Plan
 
 import copy
 
-from helpers import DEVICE, HALF_TYPES, RELU_HALF_GRAD_TOLERANCE, TOLERANCE, kernel_launches, rel_err, twin
+from helpers import (DEVICE, HALF_TYPES, RELU_HALF_GRAD_TOLERANCE, TOLERANCE, interpreter_only, kernel_launches,
+                     rel_err, twin)
 
 CELLS = {
     "LSTM": (rnn_triton.LSTM, torch.nn.LSTM, {}),
@@ -20,9 +23,10 @@ CELLS = {
 
 
 def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, with_state=False,
-                 dtype=torch.float64, H=16, I=5, bias=True, proj_size=0):
+                 dtype=torch.float64, H=16, I=5, bias=True, variant=None, proj_size=0):
     """Our module and its float64 torch.nn twin on the same packed batch: the packed output (data,
-    batch sizes, indices), h_n (c_n) and every gradient (input, initial states, every parameter)."""
+    batch sizes, indices), h_n (c_n) and every gradient (input, initial states, every parameter).
+    ``variant``: the kernels that must have run, forward and backward (else any)."""
     extra = dict(CELLS[cell][2], **({"proj_size": proj_size} if proj_size else {}))
     ours = CELLS[cell][0](I, H, num_layers=layers, bidirectional=bidirectional, bias=bias, **extra).to(dtype)
     ref = twin(ours, CELLS[cell][1])
@@ -67,6 +71,10 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
         assert rel_err(a, b) < bound, f"tensor {i}: {rel_err(a, b):.1e} >= {bound:.1e}"
     assert kernel_launches("fwd") > kernel_launches("fwd", before)
     assert kernel_launches("bwd") > kernel_launches("bwd", before)
+    if variant is not None:
+        for direction in ("fwd", "bwd"):
+            name = f"{variant}_{direction}"
+            assert runtime.launches[name] > before.get(name, 0), f"no {name} launch"
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -92,13 +100,78 @@ def test_packed_lower_precision(dtype, seed):
     _packed_case("LSTM", [4, 9, 2], False, bidirectional=True, with_state=True, dtype=dtype)
 
 
-def test_packed_beyond_the_tile_kernel_says_why():
-    module = rnn_triton.RNN(4, 300).to(DEVICE)  # float32 H = 300 runs cooperatively
+def _cooperative_plan(monkeypatch, H, variant="stepwise", groups=1, w_chunk=0):
+    """Make the modules run ``variant`` with BLOCK_U units per program. Float64 (the exact check, in the
+    interpreter) takes float32's sizes, where the LSTM and GRU have no cooperative configuration (they
+    spill without a tensor-core dot on the GPU); the half-precision sizes give them this one."""
+    config = KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk)
+    monkeypatch.setattr(dispatch, "choose", lambda *args, **kwargs: Plan(config))
+
+
+#: 19 rows (two batch tiles, the second partial) of lengths 1 .. 4: ties, ones and full rows.
+LENGTHS_19 = [4, 1, 3, 4, 2, 2, 4, 1, 3, 3, 4, 2, 1, 1, 4, 3, 2, 4, 4]
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_stepwise_float64(cell, enforce_sorted, monkeypatch, seed):
+    """Packed input through the cooperative kernels (stepwise), both directions, with initial states:
+    H = 136 takes 9 unit programs, the last partial; each row reads h_{t-1} of all units at its own
+    t, and its backward starts (dLoss/dh_n enters) at its own first step."""
+    _cooperative_plan(monkeypatch, 136)
+    lengths = sorted(LENGTHS_19, reverse=True) if enforce_sorted else LENGTHS_19
+    _packed_case(cell, lengths, enforce_sorted, bidirectional=True, with_state=True, H=136, variant="stepwise")
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_stepwise_weights_from_the_cache(cell, monkeypatch, seed):
+    """The backward that re-reads W_hh^T each step, 128 columns at a time (H = 300: two full chunks and
+    a partial one), as LSTM and GRU H = 1024 run it, with lengths."""
+    _cooperative_plan(monkeypatch, 300, w_chunk=128)
+    _packed_case(cell, [2, 3, 1, 3, 2], False, bidirectional=True, with_state=True, H=300, variant="stepwise")
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_cooperative_barrier_with_one_program_per_group(cell, groups, monkeypatch, seed):
+    """The cooperative launch (one kernel, a barrier each step) with lengths, where the interpreter can
+    run it: H = 16, one program per batch group. 35 rows make three batch tiles, so a group walks more
+    than one; two layers, both directions, no initial state."""
+    _cooperative_plan(monkeypatch, 16, "cooperative", groups)
+    lengths = [i * 7 % 5 + 1 for i in range(35)]
+    _packed_case(cell, lengths, False, layers=2, bidirectional=True, variant="cooperative")
+
+
+@pytest.mark.parametrize("cell,H,dtype", [("LSTM", 192, torch.bfloat16), ("GRU", 256, torch.float16),
+                                          ("RNN_RELU", 100, torch.float32)], ids=str)
+def test_packed_beyond_the_tile_kernel(cell, H, dtype, seed):
+    """The modules' own plan for packed input past the tile-persistent sizes: the cooperative kernels
+    (stepwise in the interpreter), against torch.nn in float64."""
+    packed = pack_padded_sequence(torch.randn(3, 2, 5, device=DEVICE, dtype=dtype), torch.tensor([3, 2]))
+    plan = CELLS[cell][0](5, H, **CELLS[cell][2]).to(DEVICE, dtype).kernel_plan(packed)
+    assert plan.uses_triton and plan.config.variant in ("stepwise", "cooperative"), plan
+    _packed_case(cell, [3, 5, 1, 5, 4], False, with_state=True, dtype=dtype, H=H,
+                 variant=plan.config.variant if DEVICE.type == "cpu" else None)
+
+
+def test_packed_beyond_every_kernel_says_why():
+    module = rnn_triton.RNN(4, 4096).to(DEVICE)  # past the cooperative kernel's float32 sizes
     packed = pack_padded_sequence(torch.randn(3, 2, 4, device=DEVICE), torch.tensor([3, 2]))
     plan = module.kernel_plan(packed)
-    assert not plan.uses_triton and "PackedSequence" in plan.reason
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
+    assert not plan.uses_triton and "limit" in plan.reason
+    with pytest.raises(NotImplementedError, match="limit"):
         module(packed)
+
+
+def test_packed_input_past_the_tile_kernels_packed_limit_says_why():
+    """GRU half precision at BLOCK_H = 128 takes any H padded, but packed only multiples of 16 (and
+    the cooperative GRU starts at 256)."""
+    plan = dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2, packed=True)
+    assert not plan.uses_triton and "PackedSequence" in plan.reason and "multiple of 16" in plan.reason
+    assert dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2).uses_triton
 
 
 def test_packed_plan_runs_the_tile_kernel():
