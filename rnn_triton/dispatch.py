@@ -120,7 +120,7 @@ _RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K, packed_registers=120),
                   512: _C(8, True, 96, 33 * _K, packed_registers=128),
                   1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K, packed_registers=208)}
 _RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K, packed_registers=112),
-                  512: _C(8, True, 80, 65 * _K, packed_registers=112), 1024: _C(8, True, 128, 129 * _K)}
+                  512: _C(8, True, 96, 65 * _K, packed_registers=112), 1024: _C(8, True, 128, 129 * _K)}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two): CoopConfig}, read off the sm_90 compile check. Float32 LSTM and GRU spill at any size
 #: (no tensor-core dot); LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
@@ -217,11 +217,13 @@ def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, varia
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
-           props: Optional[DeviceProps] = None, packed: bool = False) -> Plan:
+           props: Optional[DeviceProps] = None, packed: bool = False, directions: int = 1) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
     ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
     per-row lengths (PackedSequence input): every variant takes them, in a build of its own (the
-    kernels' HAS_LENGTHS), which at some sizes takes fewer H (``PACKED_MULTIPLES_OF_16``)."""
+    kernels' HAS_LENGTHS), which at some sizes takes fewer H (``PACKED_MULTIPLES_OF_16``).
+    ``directions``: 2 for a bidirectional layer (the cooperative variant runs its two grids at once
+    where both fit)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -257,5 +259,8 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
                                                 coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
         return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
+    # A bidirectional layer's two grids run at once where both fit (ops then puts them on two
+    # streams): fewer batch groups each, for twice the programs at work at small batch.
+    per_group = units * directions if units * directions <= capacity else units
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
-                             min(tiles, capacity // units), coop.w_chunk))
+                             min(tiles, capacity // per_group), coop.w_chunk))

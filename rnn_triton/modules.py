@@ -61,7 +61,8 @@ class _TritonRecurrent:
             batch = int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed)
+        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
+                               directions=2 if self.bidirectional else 1)
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -144,9 +145,9 @@ class _TritonRecurrent:
         return (out, (hn, cn)) if is_lstm else (out, hn)
 
     def _layers(self, x, hx, config, cast, batch_first, lengths=None):
-        """Every layer in turn, its directions in one launch (one per step when stepwise); h_n[k] is
-        layer k // D, direction k % D, as torch.nn's. Dropout between layers only in training, as
-        torch.nn does."""
+        """Every layer in turn, each one call of ``recurrent_directions`` (its directions in one launch
+        where the kernel has that build; see ops.recurrent_fwd); h_n[k] is layer k // D, direction
+        k % D, as torch.nn's. Dropout between layers only in training, as torch.nn does."""
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
         hns, cns = [], []

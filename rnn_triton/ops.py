@@ -9,6 +9,7 @@
 (so ``torch.compile`` sees them as opaque ops, not graph breaks). The backward launches the reverse
 loop once, which writes dLoss/dxp for every step; dW_hh is then one GEMM over all steps.
 """
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -130,6 +131,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
         # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
         init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
         carry = init.to(acc, copy=True) if init is not None else xp.new_zeros(D, B, H, dtype=acc)
+    runs = []  # the cooperative kernel's arguments, per direction
     for d in [None] if together or D == 1 else range(D):
         # direction d's slices (all directions when d is None)
         xp_d, y_d = _columns(xp_tm, d, GH), _columns(y_tm, d, H)
@@ -148,20 +150,21 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
             )
             runtime.launches["persistent_fwd"] += 1
             continue
-        carry_d = _at(carry, d)
-        _run_cooperative(
-            cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd",
-            (xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d, hn_d if h0_d is None else h0_d,
-             y_d, y_d.stride(0), y_d.stride(1), carry_d, saved_d, cs_d,
-             lengths if lengths is not None else hn_d),
-            (T, B, H, rev),
-            dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, HAS_LENGTHS=lengths is not None), num_warps)
-        if rev or lengths is None:
-            hn_d.copy_(y_d[0 if rev else T - 1])
-        else:  # each row's last h, at its own last step (the carry past it is untouched: cn is right)
-            hn_d.copy_(y_d[lengths.long() - 1, torch.arange(B, device=y.device)])
+        runs.append(((xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d, hn_d if h0_d is None else h0_d,
+                      y_d, y_d.stride(0), y_d.stride(1), _at(carry, d), saved_d, cs_d,
+                      lengths if lengths is not None else hn_d), (T, B, H, rev)))
+    if not tile:
+        _run_cooperative(cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd", runs,
+                         dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, HAS_LENGTHS=lengths is not None),
+                         num_warps)
+        for d in range(D):  # each row's last h: at its own last step (past it the carry holds: cn is right)
+            y_d, rev = _columns(y_tm, d, H), _reversed(reverse, d)
+            if rev or lengths is None:
+                hn[d].copy_(y_d[0 if rev else T - 1])
+            else:
+                hn[d].copy_(y_d[lengths.long() - 1, torch.arange(B, device=y.device)])
         if cell_id == _LSTM:
-            cn_d.copy_(carry_d)
+            cn.copy_(carry)
     return y, hn, cn, saved, cs
 
 
@@ -176,34 +179,67 @@ def _at(t: Optional[Tensor], d: Optional[int]) -> Optional[Tensor]:
     return t if t is None or d is None or t.numel() == 0 else t[d]
 
 
-def _run_cooperative(kernel, variant, grid, T, direction, args, sizes, constexprs, num_warps):
-    """Run a cooperative kernel over all its steps (T forward, T + 1 backward): one launch whose
-    programs meet at a grid barrier each step, or (``stepwise``) one launch per step.
+def _run_cooperative(kernel, variant, grid, T, direction, runs, constexprs, num_warps):
+    """Run a cooperative kernel over all its steps (T forward, T + 1 backward) for each of ``runs``
+    (one (args, sizes) per direction): one launch whose programs meet at a grid barrier each step, or
+    (``stepwise``) one launch per step. Two directions run concurrently, each on its own CUDA stream,
+    where both grids are resident at once; else one after the other.
 
     The barrier counts arrivals per batch group; a program that waits past BARRIER_MAX_SPINS sets the
     error flag and leaves, and this raises, rather than hang the GPU.
     """
-    device = args[0].device
+    device = runs[0][0][0].device
     steps = T if direction == "fwd" else T + 1
-    sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
-    error = torch.zeros(1, dtype=torch.int32, device=device)
     cooperative = variant == "cooperative" and steps * grid[0] < 2 ** 31  # the barrier's int32 count
+    concurrent = False
     if cooperative and device.type == "cuda":
-        full_args = (*args, sync, error, *sizes, 0, steps, BARRIER_MAX_SPINS)
+        args, sizes = runs[0]
+        flag = torch.zeros(1, dtype=torch.int32, device=device)  # stands in for sync and error
+        full_args = (*args, flag, flag, *sizes, 0, steps, BARRIER_MAX_SPINS)
         cooperative = _all_resident(kernel, grid, full_args, constexprs, num_warps, device)
-    variant = "cooperative" if cooperative else "stepwise"
+        concurrent = cooperative and len(runs) > 1 and _all_resident(
+            kernel, (grid[0], grid[1] * len(runs)), full_args, constexprs, num_warps, device)
+    streams = _fork(len(runs), device) if concurrent else [None] * len(runs)
     launches = [(0, steps)] if cooperative else [(s, s + 1) for s in range(steps)]
-    for begin, end in launches:
-        kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
-                     COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
-    runtime.launches[f"{variant}_{direction}"] += len(launches)
+    errors = []
+    for (args, sizes), stream in zip(runs, streams):
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
+            error = torch.zeros(1, dtype=torch.int32, device=device)
+            for begin, end in launches:
+                kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
+                             COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
+            errors.append(error)
+    if concurrent:
+        _join(streams)
+        runtime.launches[f"{direction}_directions_concurrent"] += 1  # not a launch
+    runtime.launches[f"{'cooperative' if cooperative else 'stepwise'}_{direction}"] += len(launches) * len(runs)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if cooperative and not capturing and error.item():
+    if cooperative and not capturing and any(error.item() for error in errors):
         raise RuntimeError(f"rnn_triton: the cooperative {direction} kernel's grid barrier timed out: its "
                            f"{grid[0] * grid[1]} programs were not all resident on the GPU at once (another "
                            f"kernel running concurrently?). Its outputs are invalid.")
 
 
+def _fork(n: int, device: torch.device) -> list:
+    """The current stream and n - 1 side streams that start after everything queued on it so far."""
+    main = torch.cuda.current_stream(device)
+    sides = _side_streams.setdefault(device.index, [])
+    while len(sides) < n - 1:
+        sides.append(torch.cuda.Stream(device))
+    for side in sides[:n - 1]:
+        side.wait_stream(main)
+    return [main] + sides[:n - 1]
+
+
+def _join(streams: list) -> None:
+    """The first stream waits for the others: what follows on it sees all their work. (Tensors the
+    side streams used were allocated on the first one and stay alive past this point.)"""
+    for side in streams[1:]:
+        streams[0].wait_stream(side)
+
+
+_side_streams: dict = {}
 _resident_cache: dict = {}
 
 
@@ -281,6 +317,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
             acc = _acc_torch_dtype(y.dtype)
             carry = dcn.to(acc, copy=True) if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
             w_t = w_hh.view(D * G, H, H).transpose(1, 2).contiguous().view(D, GH, H)  # W_k^T per gate
+        runs = []  # the cooperative kernel's arguments, per direction
         for d in [None] if together or D == 1 else range(D):
             # direction d's slices (all directions when d is None)
             dy_d, y_d, dxp_d = _columns(dy_tm, d, H), _columns(y_tm, d, H), _columns(dxp_tm, d, GH)
@@ -302,18 +339,16 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                 )
                 runtime.launches["persistent_bwd"] += 1
                 continue
-            carry_d = _at(carry, d)
-            _run_cooperative(
-                cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd",
-                (dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, _at(w_t, d), saved_d, cs_d,
-                 h0_arg, c0_arg, y_d, y_d.stride(0), y_d.stride(1),
-                 dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, carry_d,
-                 lengths if lengths is not None else dh0_d),
-                (T, B, H, rev),
-                dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk,
-                     HAS_LENGTHS=lengths is not None), num_warps)
+            runs.append(((dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, _at(w_t, d), saved_d, cs_d,
+                          h0_arg, c0_arg, y_d, y_d.stride(0), y_d.stride(1),
+                          dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, _at(carry, d),
+                          lengths if lengths is not None else dh0_d), (T, B, H, rev)))
+        if not tile:
+            _run_cooperative(cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd", runs,
+                             dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk,
+                                  HAS_LENGTHS=lengths is not None), num_warps)
             if cell_id == _LSTM:
-                dc0_d.copy_(carry_d)
+                dc0.copy_(carry)
     else:  # no steps: the gradients pass straight through
         dh0.copy_(dhn)
         if cell_id == _LSTM:

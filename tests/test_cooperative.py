@@ -136,29 +136,64 @@ def test_resident_blocks_takes_the_tightest_limit():
     assert dispatch.resident_blocks(LITTLE_SHARED, 8, 64, 128 * 1024) == 0
 
 
-def _expected(props, cell, dtype, H, B, packed=False):
+def _expected(props, cell, dtype, H, B, packed=False, directions=1):
     coop = COOP_CONFIGS[(cell, dtype)][dispatch.block_h_for(H)]
     capacity = props.sm_count * dispatch.resident_blocks(props, coop.num_warps, coop.registers_for(packed),
                                                          coop.shared_bytes)
     units, tiles = -(-H // BLOCK_U), -(-B // BLOCK_B)
-    return ("cooperative", min(tiles, capacity // units)) if units <= capacity else ("stepwise", tiles)
+    if units > capacity:
+        return "stepwise", tiles
+    both = units * directions <= capacity  # a bidirectional layer's grids side by side, if they fit
+    return "cooperative", min(tiles, capacity // (units * directions if both else units))
 
 
 @pytest.mark.parametrize("props", [H200, SMALL_GPU, LITTLE_SHARED], ids=lambda p: p.name)
 @pytest.mark.parametrize("cell,dtype,H", [(c, d, h) for (c, d), table in COOP_CONFIGS.items() for h in sorted(table)
                                           if h > dispatch.max_hidden(c, d, variant="tile-persistent")])
 @pytest.mark.parametrize("B", [1, 64])
-@pytest.mark.parametrize("packed", [False, True])
-def test_dispatcher_capacity_model(props, cell, dtype, H, B, packed):
-    """Packed input (per-row lengths) takes the same variants, counted with its builds' registers."""
-    plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props, packed=packed)
+@pytest.mark.parametrize("packed,directions", [(False, 1), (True, 1), (False, 2)])
+def test_dispatcher_capacity_model(props, cell, dtype, H, B, packed, directions):
+    """Packed input (per-row lengths) takes the same variants, counted with its builds' registers; a
+    bidirectional layer's two grids share the GPU where both fit."""
+    plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props, packed=packed, directions=directions)
     assert plan.uses_triton, plan.reason
-    variant, groups = _expected(props, cell, dtype, H, B, packed)
+    variant, groups = _expected(props, cell, dtype, H, B, packed, directions)
     assert (plan.config.variant, plan.config.groups, plan.config.block_u) == (variant, groups, BLOCK_U)
     if variant == "cooperative":  # never more programs than the GPU holds at once
         coop = COOP_CONFIGS[(cell, dtype)][plan.config.block_h]
         per_sm = dispatch.resident_blocks(props, coop.num_warps, coop.registers_for(packed), coop.shared_bytes)
         assert -(-H // BLOCK_U) * plan.config.groups <= props.sm_count * per_sm
+
+
+def test_bidirectional_grids_side_by_side_on_an_h200():
+    """At small batch a bidirectional LSTM of H = 1024 puts both 64-program grids on the 132 SMs at
+    once; an RNN of H = 2048 (128 programs, one per SM) cannot, and keeps the whole GPU per direction."""
+    choose = lambda cell, H, B: dispatch.choose(cell, H, torch.bfloat16, CUDA, B, H200, directions=2).config  # noqa
+    assert choose("LSTM", 1024, 1).groups == 1 and 2 * 64 <= H200.sm_count
+    assert choose("LSTM", 256, 256).groups == 132 // (2 * 16)  # one 208-register program per SM
+    assert choose("RNN_TANH", 2048, 256).groups == 1
+
+
+@pytest.mark.parametrize("cell,H,dtype", [("GRU", 256, torch.float16), ("RNN_TANH", 100, torch.float64)], ids=str)
+def test_bidirectional_modules_beyond_the_tile_kernel(cell, H, dtype, seed):
+    """Two layers, both directions, at cooperative sizes (stepwise in the interpreter, the directions
+    concurrent on a GPU where both grids fit): every output and gradient."""
+    if dtype == torch.float64 and DEVICE.type != "cpu":
+        pytest.skip("float64 kernels run only in the interpreter")
+    module = CELLS[cell][0](5, H, num_layers=2, bidirectional=True, **CELLS[cell][2]).to(dtype)
+    assert module.kernel_plan(torch.randn(3, 2, 5, device=DEVICE, dtype=dtype)).config.variant != "tile-persistent"
+    hx = torch.randn(4, 2, H, dtype=torch.float64)
+    compare_with_torch(module, CELLS[cell][1], torch.randn(3, 2, 5, dtype=torch.float64), hx, seed)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="concurrent directions need a GPU (two CUDA streams)")
+def test_bidirectional_directions_run_concurrently_on_gpu(seed):
+    module = CELLS["LSTM"][0](16, 512, bidirectional=True).to(torch.bfloat16)
+    before = dict(runtime.launches)
+    compare_with_torch(module, CELLS["LSTM"][1], torch.randn(20, 3, 16, dtype=torch.float64), None, seed)
+    for direction in ("fwd", "bwd"):
+        key = f"{direction}_directions_concurrent"
+        assert runtime.launches[key] > before.get(key, 0), f"{direction}: the directions ran one after the other"
 
 
 def test_dispatcher_targets_on_an_h200():
