@@ -110,7 +110,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
                  aligned, precision, block_u)
     try:
         sig = _signature(fn, dtype, constexprs)
-        unknown = ("T", "reverse", "dir_begin", "s_begin", "s_end", "max_spins")  # never assumed divisible
+        unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if aligned and sig[name] != "constexpr" and name not in unknown}
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results as JSON to this file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernels", nargs="+", metavar="KERNEL",
-                        help="only these kernels (fwd, bwd, coop_fwd, coop_bwd, each also *_packed)")
+                        help="only these kernels (fwd, bwd, coop_fwd, coop_bwd, each also *_packed; fwd, bwd, "
+                             "fwd_packed, bwd_packed also *_bidir)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")

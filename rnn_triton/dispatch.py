@@ -74,8 +74,9 @@ BIDIR_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 12
 
 
 def directions_in_one_launch(cell: str, dtype: torch.dtype, block_h: int, hidden_size: int) -> bool:
-    """Whether a bidirectional tile-persistent layer runs both directions in one launch (the
-    cooperative kernels always run them one after the other)."""
+    """Whether a bidirectional tile-persistent layer runs both directions in one launch. (The
+    cooperative kernels run one launch per direction, on two streams at once where both grids fit:
+    ops._run_cooperative.)"""
     key = (cell, torch.float32 if dtype == torch.float64 else dtype, block_h)
     return hidden_size % 16 == 0 or key not in BIDIR_MULTIPLES_OF_16
 

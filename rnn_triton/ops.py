@@ -1,9 +1,11 @@
 """The recurrent part of one layer as torch ops: the Triton time loops, with autograd.
 
-``recurrent_layer`` is the whole layer for one direction:
+``recurrent_directions`` is a whole layer, all its directions (``recurrent_layer``: one direction):
 
-    xp = x @ W_ih^T + b            one GEMM over all steps (torch; autograd differentiates it)
-    y, hn, cn = recurrent(xp, ...)  one persistent Triton launch over all T steps
+    xp = x @ W_ih^T + b                 one GEMM over all steps and directions (torch; autograd)
+    y, hn, cn = recurrent_fwd(xp, ...)  the persistent Triton time loop over all T steps: one launch
+                                        for both directions where the tile kernel's two-direction
+                                        build fits, else one per direction (one per step stepwise)
 
 ``rnn_triton::recurrent_fwd`` / ``rnn_triton::recurrent_bwd`` are registered with ``torch.library``
 (so ``torch.compile`` sees them as opaque ops, not graph breaks). The backward launches the reverse
@@ -222,7 +224,9 @@ def _run_cooperative(kernel, variant, grid, T, direction, runs, constexprs, num_
 
 
 def _fork(n: int, device: torch.device) -> list:
-    """The current stream and n - 1 side streams that start after everything queued on it so far."""
+    """The current stream and n - 1 side streams that start after everything queued on it so far.
+    (torch hands out streams from a shared pool: other code may queue on the same one, which costs
+    overlap, never correctness.)"""
     main = torch.cuda.current_stream(device)
     sides = _side_streams.setdefault(device.index, [])
     while len(sides) < n - 1:
@@ -233,8 +237,10 @@ def _fork(n: int, device: torch.device) -> list:
 
 
 def _join(streams: list) -> None:
-    """The first stream waits for the others: what follows on it sees all their work. (Tensors the
-    side streams used were allocated on the first one and stay alive past this point.)"""
+    """The first stream waits for the others: what follows on it sees all their work. (The kernels'
+    tensors were allocated on the first stream and stay alive past this point; each side run's
+    barrier counters and error flag were allocated on its own stream, used only there and read
+    after this.)"""
     for side in streams[1:]:
         streams[0].wait_stream(side)
 
@@ -462,7 +468,8 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
 def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0: Optional[Tensor],
                          config: KernelConfig, batch_first: bool, lengths: Optional[Tensor] = None,
                          reverse: bool = False):
-    """One layer, all its directions in one launch (the second one reversed).
+    """One layer, all its directions (the second one reversed): in one launch where the tile kernel's
+    two-direction build fits, else one launch (or one per step, stepwise) per direction.
 
     x: [T, B, I] ([B, T, I] when batch_first); ``weights``: per direction (w_ih, w_hh, b_ih, b_hh,
     w_hr), torch.nn's parameters (biases None without bias; w_hr, the LSTM's projection, or None);
@@ -470,7 +477,7 @@ def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0
     recurrent_fwd) or None.
 
         xp = x @ W_ih^T + b       one GEMM for all steps and directions (torch; autograd differentiates it)
-        y, hn, cn = recurrent_fwd(xp, ...)    one launch of the time loop for every direction
+        y, hn, cn = recurrent_fwd(xp, ...)    the time loop of every direction
 
     A projected LSTM (w_hr [P, H]: h = W_hr m, m = o * tanh(c)) runs the same loop on m, whose
     recurrence is W_hh h_{t-1} = (W_hh W_hr) m_{t-1}: the kernel gets W_hh W_hr [4H, H], h0 enters as

@@ -161,6 +161,7 @@ def test_bidirectional_where_the_two_direction_build_does_not_fit(seed):
     hx = torch.randn(2, 2, 100, dtype=torch.float64)
     compare_with_torch(module, torch.nn.GRU, torch.randn(3, 2, 3, dtype=torch.float64), hx, seed)
     assert runtime.launches["persistent_fwd"] - before.get("persistent_fwd", 0) == 2
+    assert runtime.launches["persistent_bwd"] - before.get("persistent_bwd", 0) == 2
 
 
 @interpreter_only
