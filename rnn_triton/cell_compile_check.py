@@ -12,15 +12,12 @@ Must run without TRITON_INTERPRET (under it, @triton.jit yields interpreter func
 """
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from .compile_check import SM90_SHARED_LIMIT, _resource_usage
-
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+from .compile_check import _PTR, SM90_SHARED_LIMIT, measure, refuse_interpreter, run
 _UNALIGNABLE = ("n_dx_blocks",)  # a count, never assumed divisible by 16
 
 
@@ -50,10 +47,7 @@ def compile_step(kernel: str, cell_name: str, dtype: torch.dtype, block_u: int, 
                  num_stages: int = 1, aligned: bool = False, precision: str = "ieee", block_b: int = 16,
                  has_h: bool = True) -> StepResult:
     """Compile ``kernel`` ("fwd" or "bwd") for one cell and dtype (see StepResult for the block sizes)."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from .dispatch import CELLS
     from .kernels.cell_step import cell_step_bwd_kernel, cell_step_fwd_kernel
@@ -70,27 +64,10 @@ def compile_step(kernel: str, cell_name: str, dtype: torch.dtype, block_u: int, 
         constexprs.update(NEED_STATE=has_h, BLOCK_N=block_k, BLOCK_U=block_u)
     res = StepResult(kernel, cell_name, str(dtype).replace("torch.", ""), precision, aligned, block_u, block_k,
                      num_warps, num_stages)
-    try:
-        sig = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr") else _PTR[dtype]
-            else:
-                sig[name] = "i32"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if aligned and sig[name] != "constexpr" and name not in _UNALIGNABLE}
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-    except Exception as exc:  # a failed compile is a result to report
-        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return res
-    res.shared_bytes = compiled.metadata.shared
-    res.tensor_cores = bool(re.search(r"\b(mma|wgmma)\.", compiled.asm["ptx"]))
-    res.registers, res.spill_bytes = _resource_usage(compiled.asm["cubin"])
-    return res
+    sig = {name: "constexpr" if name in constexprs else
+           ("*fp32" if name in ("saved_ptr", "cs_ptr") else _PTR[dtype]) if name.endswith("_ptr") else "i32"
+           for name in fn.arg_names}
+    return measure(res, fn, sig, constexprs, _UNALIGNABLE, num_warps, num_stages)
 
 
 def used_configs():
@@ -123,10 +100,6 @@ def sweep_configs():
     return out
 
 
-def _compile_tuple(c):
-    return compile_step(*c)
-
-
 def format_table(results) -> str:
     lines = ["| kernel | cell | dtype | sizes | state | BLOCK_U | BLOCK_K / BLOCK_N | warps | stages | regs "
              "| spills (B) | shared (KB) | tensor cores | fits |",
@@ -146,17 +119,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also compile other block sizes")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    refuse_interpreter(parser)
     configs = used_configs()
     if args.sweep:
         configs += sweep_configs()
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(_compile_tuple, configs))
-    else:
-        results = [compile_step(*c) for c in configs]
+    results = run(configs, args.jobs, compile_step)
     print(format_table(list(zip(results, configs))))
     used = results[: len(used_configs())]
     failed = [r for r in used if not r.ok]

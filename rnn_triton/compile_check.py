@@ -78,10 +78,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     (cooperative, built with its barrier), each also as *_packed (with per-row lengths). ``aligned``
     mirrors the launch-time specialisation Triton applies when H (hence every stride) is a multiple
     of 16: pointers and integers divisible by 16. Without it, nothing is assumed, as for H = 100."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from .dispatch import CELLS
     from .kernels.cooperative import cooperative_bwd_kernel, cooperative_fwd_kernel
@@ -108,14 +105,24 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
                  aligned, precision, block_u)
+    unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
+    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps)
+
+
+def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1):
+    """Compile ``fn`` for sm_90 and fill ``res``'s registers, spill_bytes, shared_bytes and
+    tensor_cores, or its error. With ``res.aligned``, every pointer and integer argument but
+    ``never_divisible`` is assumed divisible by 16, as Triton specialises them at launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if res.aligned and sig[name] != "constexpr" and name not in never_divisible}
     try:
-        sig = _signature(fn, dtype, constexprs)
-        unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if aligned and sig[name] != "constexpr" and name not in unknown}
-        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": 1})
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as exc:  # a failed compile is a result to report, not a crash of the check
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         return res
@@ -192,16 +199,25 @@ def is_dispatcher_config(r) -> bool:
     return entry is not None and entry[0] == r.num_warps and (r.aligned or any_h)
 
 
-def run(configs, jobs: int = 1):
+def run(configs, jobs: int = 1, compile_fn=None):
+    """``compile_fn(*config)`` (default ``compile_one``) for every config, on ``jobs`` processes."""
+    calls = [(compile_fn or compile_one, c) for c in configs]
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(jobs) as pool:
-            return list(pool.map(_compile_tuple, configs))
-    return [compile_one(*c) for c in configs]
+            return list(pool.map(_call, calls))
+    return [_call(c) for c in calls]
 
 
-def _compile_tuple(c):
-    return compile_one(*c)
+def _call(fn_and_args):
+    fn, args = fn_and_args
+    return fn(*args)
+
+
+def refuse_interpreter(parser) -> None:
+    """Compiling for a GPU needs real @triton.jit functions, which TRITON_INTERPRET=1 replaces."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
 
 
 def format_table(results) -> str:
@@ -227,8 +243,7 @@ def main(argv=None) -> int:
                         help="only these kernels (fwd, bwd, coop_fwd, coop_bwd, each also *_packed; fwd, bwd, "
                              "fwd_packed, bwd_packed also *_bidir)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    refuse_interpreter(parser)
     configs = [c for c in dispatcher_configs(args.probe) if not args.kernels or c[0] in args.kernels]
     results = run(configs, args.jobs)
     print(format_table(results))
