@@ -13,12 +13,15 @@ Must run without TRITON_INTERPRET (under it, @triton.jit yields interpreter func
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .compile_check import _PTR, SM90_SHARED_LIMIT, measure, refuse_interpreter, run
-_UNALIGNABLE = ("n_dx_blocks",)  # a count, never assumed divisible by 16
+from .compile_check import (_PTR, BUILDS_FILE, SM90_SHARED_LIMIT, add_cache_arguments, finish_cache, measure,
+                            refuse_interpreter, run)
+_UNALIGNABLE = ("n_dx_blocks",)
+#: This check's committed build results (see compile_check).
+CELL_BUILDS_FILE = BUILDS_FILE.with_name("sm90_cell_builds.jsonl")  # a count, never assumed divisible by 16
 
 
 @dataclass
@@ -37,15 +40,23 @@ class StepResult:
     shared_bytes: int = 0
     tensor_cores: bool = False
     error: str = ""
+    key: str = ""                                       # as compile_check.Result's
+    mma_layouts: list = field(default_factory=list)
+    sass: dict = field(default_factory=dict)
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.error and not self.spill_bytes and self.shared_bytes <= SM90_SHARED_LIMIT
 
+    @property
+    def block_h(self) -> int:  # the field compile_check.write_builds records
+        return self.block_u
+
 
 def compile_step(kernel: str, cell_name: str, dtype: torch.dtype, block_u: int, block_k: int, num_warps: int,
                  num_stages: int = 1, aligned: bool = False, precision: str = "ieee", block_b: int = 16,
-                 has_h: bool = True) -> StepResult:
+                 has_h: bool = True, cached: bool = True) -> StepResult:
     """Compile ``kernel`` ("fwd" or "bwd") for one cell and dtype (see StepResult for the block sizes)."""
     import triton.language as tl
 
@@ -67,7 +78,7 @@ def compile_step(kernel: str, cell_name: str, dtype: torch.dtype, block_u: int, 
     sig = {name: "constexpr" if name in constexprs else
            ("*fp32" if name in ("saved_ptr", "cs_ptr") else _PTR[dtype]) if name.endswith("_ptr") else "i32"
            for name in fn.arg_names}
-    return measure(res, fn, sig, constexprs, _UNALIGNABLE, num_warps, num_stages)
+    return measure(res, fn, sig, constexprs, _UNALIGNABLE, num_warps, num_stages, cached=cached)
 
 
 def used_configs():
@@ -118,6 +129,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also compile other block sizes")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    add_cache_arguments(parser)
     args = parser.parse_args(argv)
     refuse_interpreter(parser)
     configs = used_configs()
@@ -128,7 +140,7 @@ def main(argv=None) -> int:
     used = results[: len(used_configs())]
     failed = [r for r in used if not r.ok]
     print(f"\n{len(used) - len(failed)} of {len(used)} builds cell_ops uses fit on sm_90.")
-    return 1 if failed else 0
+    return finish_cache(args, configs, results, compile_step, CELL_BUILDS_FILE) or (1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -3,27 +3,46 @@
     python -m rnn_triton.compile_check            # table of the dispatcher's configurations
     python -m rnn_triton.compile_check --probe    # also the next size up, to show where the limit is
     python -m rnn_triton.compile_check --kernels coop_fwd_packed coop_bwd_packed   # only these kernels
+    python -m rnn_triton.compile_check --probe --write-builds   # refresh the committed build results
 
-For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory and
-whether tensor-core instructions (mma/wgmma) are in the PTX. A configuration passes when it does not
-spill and its shared memory fits in an SM (227 KB); a cooperative one also when its registers and
-shared memory are within what ``dispatch.COOP_CONFIGS`` declares (the capacity model counts resident
-programs from those). Exit status 1 if any dispatcher configuration fails.
+For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory,
+whether tensor-core instructions (mma/wgmma) are in the PTX, the MMA layouts of its TTGIR, and the
+SASS analysis of its loops (``sass.analyze``: per-iteration instructions, bytes, round trips; the
+static cost model, ``static_cost``, reads it). A configuration passes when it does not spill and its
+shared memory fits in an SM (227 KB); a cooperative one also when its registers and shared memory are
+within what ``dispatch.COOP_CONFIGS`` declares (the capacity model counts resident programs from
+those). Exit status 1 if any dispatcher configuration fails.
+
+Each build is compiled once per source: its results are kept under its build key, a hash of the
+kernel's source and of every @triton.jit function it calls (Triton's own ``cache_key``), its signature,
+constexprs, alignment, options, target and Triton's version. ``BUILDS_FILE`` (committed) holds the
+results of the last full run, so a fresh checkout (CI) compiles only kernels whose source changed;
+``--verify N`` compiles N of the cached builds again and fails if any result differs. ``LOCAL_DIR``
+(not committed) keeps each cubin, so that a change to the SASS analysis re-reads them without compiling.
 
 Must run without TRITON_INTERPRET (under it, @triton.jit yields interpreter functions, not compilable).
 """
 import argparse
+import hashlib
+import inspect
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 SM90_SHARED_LIMIT = 227 * 1024
+_ROOT = Path(__file__).resolve().parents[1]
+#: Results of the last full run, one JSON object per line, keyed by build key (committed).
+BUILDS_FILE = _ROOT / "reports" / "static" / "sm90_builds.jsonl"
+#: cubin and TTGIR of each local build, by build key (ignored by git).
+LOCAL_DIR = _ROOT / "build" / "sm90"
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
@@ -38,11 +57,16 @@ class Result:
     aligned: bool
     precision: str
     block_u: int = 0
+    w_chunk: int = 0
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
     tensor_cores: bool = False
     error: str = ""
+    key: str = ""                                       # the build key (see the module docstring)
+    mma_layouts: list = field(default_factory=list)     # TTGIR MMA encodings, e.g. "v2 [8, 1]"
+    sass: dict = field(default_factory=dict)            # sass.analyze's loops
+    cached: bool = False                                # taken from an earlier build of the same key
 
     @property
     def ok(self) -> bool:
@@ -73,7 +97,7 @@ def _signature(fn, dtype, constexprs):
 
 def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
                 num_warps: int, aligned: bool = False, precision: str = "ieee", block_u: int = 0,
-                w_chunk: int = 0) -> Result:
+                w_chunk: int = 0, cached: bool = True) -> Result:
     """Compile one configuration: ``kernel`` is fwd / bwd (tile-persistent) or coop_fwd / coop_bwd
     (cooperative, built with its barrier), each also as *_packed (with per-row lengths). ``aligned``
     mirrors the launch-time specialisation Triton applies when H (hence every stride) is a multiple
@@ -104,31 +128,55 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     if "fwd" in kernel:
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
-                 aligned, precision, block_u)
+                 aligned, precision, block_u, w_chunk if kernel.startswith("coop_bwd") else 0)
     unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
-    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps)
+    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps, cached=cached)
 
 
-def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1):
-    """Compile ``fn`` for sm_90 and fill ``res``'s registers, spill_bytes, shared_bytes and
-    tensor_cores, or its error. With ``res.aligned``, every pointer and integer argument but
-    ``never_divisible`` is assumed divisible by 16, as Triton specialises them at launch."""
+def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, cached=True):
+    """Compile ``fn`` for sm_90 and fill ``res``'s registers, spill_bytes, shared_bytes, tensor_cores,
+    mma_layouts and sass, or its error. With ``res.aligned``, every pointer and integer argument but
+    ``never_divisible`` is assumed divisible by 16, as Triton specialises them at launch. With
+    ``cached``, a build key already in ``BUILDS_FILE`` (or ``LOCAL_DIR``) is not compiled again."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from . import sass
+
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if res.aligned and sig[name] != "constexpr" and name not in never_divisible}
-    try:
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-    except Exception as exc:  # a failed compile is a result to report, not a crash of the check
-        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    res.key = hashlib.sha256(f"{src.hash()}-sm90-{sorted(options.items())}-{triton.__version__}".encode()).hexdigest()
+    known = _builds().get(res.key) if cached else None
+    if known is not None and known.get("analysis") == sass.VERSION:
+        _fill(res, known)
+        res.cached = True
         return res
-    res.shared_bytes = compiled.metadata.shared
-    res.tensor_cores = bool(re.search(r"\b(mma|wgmma)\.", compiled.asm["ptx"]))
-    res.registers, res.spill_bytes = _resource_usage(compiled.asm["cubin"])
+    local = LOCAL_DIR / res.key
+    if cached and local.with_suffix(".cubin").exists():  # compiled before: read the SASS again
+        facts = json.loads(local.with_suffix(".json").read_text())
+        cubin, ttgir = local.with_suffix(".cubin").read_bytes(), local.with_suffix(".ttgir").read_text()
+    else:
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        except Exception as exc:  # a failed compile is a result to report, not a crash of the check
+            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            return res
+        cubin, ttgir = compiled.asm["cubin"], compiled.asm["ttgir"]
+        registers, spills = _resource_usage(cubin)
+        facts = {"registers": registers, "spill_bytes": spills, "shared_bytes": compiled.metadata.shared,
+                 "tensor_cores": bool(re.search(r"\b(mma|wgmma)\.", compiled.asm["ptx"]))}
+        LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+        local.with_suffix(".cubin").write_bytes(cubin)
+        local.with_suffix(".ttgir").write_text(ttgir)
+        local.with_suffix(".json").write_text(json.dumps(facts))
+    try:
+        analysis = sass.analyze(cubin, source_tags())
+    except Exception as exc:  # keep the compile's results; the analysis' failure shows in the table
+        analysis = {"error": f"{type(exc).__name__}: {exc}"}
+    _fill(res, dict(facts, mma_layouts=mma_layouts(ttgir), sass=analysis))
     return res
 
 
@@ -144,6 +192,80 @@ def _resource_usage(cubin: bytes):
     regs = int(re.search(r"REG:(\d+)", out).group(1))
     spills = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
     return regs, spills
+
+
+def _fill(res, entry) -> None:
+    for name in ("registers", "spill_bytes", "shared_bytes", "tensor_cores", "mma_layouts", "sass"):
+        setattr(res, name, entry[name])
+
+
+def mma_layouts(ttgir: str) -> list:
+    """The MMA encodings of a TTGIR module, e.g. "v2 [8, 1]" (mma.sync, warps along M x N) or
+    "v3 [4, 1] 16x16x16" (wgmma and its instruction shape)."""
+    out = []
+    for m in re.finditer(r"#ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[([\d, ]+)\]"
+                         r"(?:.*?instrShape = \[([\d, ]+)\])?", ttgir):
+        shape = f" {m.group(3).replace(', ', 'x')}" if m.group(3) else ""
+        out.append(f"v{m.group(1)} [{m.group(2)}]{shape}")
+    return sorted(set(out))
+
+
+def source_tags() -> dict:
+    """Source spans the SASS analysis tags: "weights" (the W_hh tile loads: a global load of these
+    inside a time loop re-reads W_hh) and "barrier" (the grid barrier's arrive and wait)."""
+    from .kernels import cooperative, tiles
+
+    def span(jit_fn):
+        lines, first = inspect.getsourcelines(jit_fn.fn)
+        return (os.path.basename(inspect.getsourcefile(jit_fn.fn)), first, first + len(lines) - 1)
+
+    return {"weights": [span(tiles.load_gate_tiles)],
+            "barrier": [span(cooperative._barrier_wait), span(cooperative._barrier_arrive)]}
+
+
+_BUILDS = None
+
+
+def _builds() -> dict:
+    """The committed build results of both checks (this one's and cell_compile_check's), by build key
+    (read once per process)."""
+    global _BUILDS
+    if _BUILDS is None:
+        _BUILDS = {}
+        for path in sorted(BUILDS_FILE.parent.glob("sm90*_builds.jsonl")):
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                _BUILDS[entry["key"]] = entry
+    return _BUILDS
+
+
+def write_builds(results, path=BUILDS_FILE) -> None:
+    """Save the results of a run as the committed build results (one line per build key)."""
+    from . import sass
+    entries = {}
+    for r in results:
+        if r.key and not r.error:
+            entries[r.key] = {"key": r.key, "analysis": sass.VERSION, "kernel": r.kernel, "cell": r.cell,
+                              "dtype": r.dtype, "block_h": r.block_h, "num_warps": r.num_warps, "aligned": r.aligned,
+                              "precision": r.precision, "registers": r.registers, "spill_bytes": r.spill_bytes,
+                              "shared_bytes": r.shared_bytes, "tensor_cores": r.tensor_cores,
+                              "mma_layouts": r.mma_layouts, "sass": r.sass}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(entries.items())))
+
+
+def verify(configs, count: int, compile_fn, seed=None) -> list:
+    """Compile ``count`` of ``configs`` again without the cache; the differences from their cached
+    results, as strings (empty: the cache holds what the compiler gives)."""
+    picked = random.Random(seed).sample(configs, min(count, len(configs)))
+    diffs = []
+    for config in picked:
+        cached, fresh = compile_fn(*config), compile_fn(*config, cached=False)
+        for name in ("registers", "spill_bytes", "shared_bytes", "tensor_cores", "mma_layouts", "sass"):
+            if getattr(cached, name) != getattr(fresh, name):
+                diffs.append(f"{config[:4]}: {name} cached {str(getattr(cached, name))[:80]} "
+                             f"!= compiled {str(getattr(fresh, name))[:80]}")
+    return diffs
 
 
 def dispatcher_configs(probe: bool = False):
@@ -242,6 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", metavar="KERNEL",
                         help="only these kernels (fwd, bwd, coop_fwd, coop_bwd, each also *_packed; fwd, bwd, "
                              "fwd_packed, bwd_packed also *_bidir)")
+    add_cache_arguments(parser)
     args = parser.parse_args(argv)
     refuse_interpreter(parser)
     configs = [c for c in dispatcher_configs(args.probe) if not args.kernels or c[0] in args.kernels]
@@ -253,7 +376,28 @@ def main(argv=None) -> int:
     chosen = [r for r in results if is_dispatcher_config(r)]
     failed = [r for r in chosen if not r.ok]
     print(f"\n{len(chosen) - len(failed)} of {len(chosen)} dispatcher configurations fit on sm_90.")
-    return 1 if failed else 0
+    return finish_cache(args, configs, results, compile_one, BUILDS_FILE) or (1 if failed else 0)
+
+
+def add_cache_arguments(parser) -> None:
+    parser.add_argument("--write-builds", action="store_true",
+                        help="save this run's results as the committed build results")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="compile N cached builds again and fail if any result differs")
+
+
+def finish_cache(args, configs, results, compile_fn, path) -> int:
+    """--write-builds and --verify for a check's run; 1 if the verification found a difference."""
+    print(f"{sum(r.cached for r in results)} of {len(results)} builds from the committed results ({path.name}), "
+          f"{sum(not r.cached for r in results)} compiled (or re-read from {LOCAL_DIR.relative_to(_ROOT)}).")
+    if args.write_builds:
+        write_builds(results, path)
+    if args.verify:
+        diffs = verify([c for c, r in zip(configs, results) if r.cached], args.verify, compile_fn)
+        print(f"verified {args.verify} cached builds by compiling them again: "
+              + ("identical" if not diffs else "DIFFERENT\n" + "\n".join(diffs)))
+        return 1 if diffs else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,487 @@
+"""What each kernel costs per time step, read from its compiled sm_90 code: an estimate, not a measurement.
+
+    python -m rnn_triton.static_cost                   # print the tables; write reports/static/
+    python -m rnn_triton.static_cost --check           # also fail on a regression against the baseline
+    python -m rnn_triton.static_cost --write-baseline  # record today's MMA efficiencies as the floor
+
+Two tables, both from the builds the compile check makes (``compile_check``: the same builds, cached
+by build key, so nothing compiles twice):
+
+1. **Facts**, per dispatcher configuration (cell, dtype, precision, kernel, block sizes, alignment),
+   per time step of one program at the configuration's nominal size (H = its BLOCK_H / BLOCK_K, one
+   batch tile of 16 rows), read from the SASS by ``sass.analyze``: tensor-core instructions issued
+   and the **MMA efficiency** (the step's useful multiply-adds, units x rows x K, over those issued:
+   1.0 means no warp repeats another's product), shared-memory bytes read, global bytes loaded and
+   stored, W_hh loads from global memory inside the loop, dependent global round trips, MUFU and
+   barrier instructions, and the stores the grid barrier's release waits for.
+2. **Estimates**, per (cell, H, B, dtype, mode): the plan ``dispatch.choose`` makes on an H200, and a
+   per-step latency range built from those counts and the machine constants below, each with its
+   source. The compute phase is bounded below by its busiest pipe (tensor cores, shared memory, SFU,
+   FP32, issue) and above by their sum; the latency terms (dependent round trips, the grid barrier,
+   the L2 gather) add to both. Printed beside cuDNN's published H100 anchor.
+
+What the model cannot see: real L2 hit rates (a round trip is costed as an L2 hit at the low end and
+an HBM access at the high end), the clock under load, contention between programs for L2 and the
+barrier's counter, scheduling within an SM beyond the pipe bounds, and anything a GPU run would show
+that the code does not say. Every figure it prints is an estimate from compiled code.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import compile_check, dispatch
+
+OUT_DIR = compile_check.BUILDS_FILE.parent
+BASELINE_FILE = OUT_DIR / "baseline.json"
+LABEL = "estimate from compiled code, not a measurement"
+
+# --- Machine constants (Hopper SM, as on the H100 SXM and H200), each with its source. -----------------
+#: [R1] "CUDA Performance Study - NVIDIA H100 SXM5" micro-benchmarks (a public benchmark README), run
+#: at 1.98 GHz: pointer-chase latency L2 hit 259.9 cycles, HBM 570.5 cycles; L2 copy bandwidth 3.6 TB/s.
+CLOCK_GHZ = 1.98
+L2_CYCLES = 260
+HBM_CYCLES = 570
+L2_BYTES_PER_CYCLE = 3.6e12 / (CLOCK_GHZ * 1e9)
+#: [R2] PMC10448217 (Table 3): H100 shared memory 32,348 GB/s over 144 SMs at 1755 MHz = 128 B/clk/SM.
+SHARED_BYTES_PER_CYCLE = 128
+#: [R3] NVIDIA H100 Tensor Core GPU Architecture whitepaper: per SM and clock, 2x A100's 1024 dense
+#: FP16/BF16 FMA, i.e. 2048 (989 TFLOPS dense = 132 SMs x 2048 x 2 x 1.83 GHz); TF32 half that.
+TENSOR_MACS_PER_CYCLE = {2: 2048, 4: 1024}  # by operand bytes: fp16/bf16, tf32
+#: mma.sync (HMMA) on Hopper is not guaranteed wgmma's rate ([R4] Luo et al., "Benchmarking and
+#: Dissecting the Nvidia Hopper GPU Architecture", arXiv 2402.13499: legacy mma below wgmma's
+#: throughput): its issue is costed at 1x to 2x the wgmma time (4-8 cycles per HMMA.16816 on an SMSP).
+HMMA_SLOWDOWN = (1.0, 2.0)
+#: [R5] CUDA C++ Programming Guide, arithmetic instruction throughput (compute capability 9.0): per SM
+#: and clock, 128 FP32 add/multiply/FMA, 16 for the special functions (exp2, reciprocal, tanh...).
+FP32_PER_CYCLE = 128
+SFU_PER_CYCLE = 16
+#: [R3] 4 SM sub-partitions, each dispatching one warp instruction per clock.
+ISSUE_PER_CYCLE = 4
+#: The grid barrier, built from its SASS (no published Hopper grid-barrier latency was found):
+#: arrive = MEMBAR.ALL.GPU (waits for the step's stores to be acknowledged: one L2 round trip) then
+#: REDG to the counter (half a round trip to reach L2); wait = one thread polling with
+#: LDG.STRONG.GPU: the arrival lands within a poll period (one round trip): half of one on average, a
+#: whole one at worst, then the poll's answer returns (half a round trip); 2 BAR.SYNC around it.
+#: In L2 round trips: 1 + 0.5 + (0.5 .. 1) + 0.5.
+BARRIER_ROUND_TRIPS = (2.5, 3.0)
+#: cuDNN's published H100 SXM time for torch.nn.LSTM, H=768, B=16, T=1024, bf16 ([R6] FlashRNN, arXiv
+#: 2412.07752, its benchmark data): 2.01 ms forward, 5.19 ms forward+backward.
+CUDNN_ANCHOR = {"cell": "LSTM", "H": 768, "B": 16, "T": 1024, "dtype": "bfloat16",
+                "fwd_ms": 2.01, "fwd_bwd_ms": 5.19}
+
+_FWD = ("fwd", "coop_fwd")
+
+
+def _loop_roles(analysis):
+    """(time loop, {child loop index: role}) of a SASS analysis: the time loop is the outermost loop
+    holding the most tensor-core work (or instructions); under it a loop with the barrier's poll is
+    "poll", a loop holding another loop or the tile's work is "tile", a loop inside a tile loop "chunk"."""
+    loops = analysis["loops"]
+    if not loops:
+        return None, {}
+
+    def subtree(k):
+        return [k] + [d for c in loops[k]["children"] for d in subtree(c)]
+
+    def weight(k):
+        return (sum(loops[d]["macs"] for d in subtree(k)), sum(loops[d]["count"]["total"] for d in subtree(k)))
+
+    top = max((k for k, lp in enumerate(loops) if lp["parent"] is None), key=weight)
+    roles = {}
+    for c in loops[top]["children"]:
+        roles[c] = "poll" if "barrier" in loops[c]["tags"] and not loops[c]["macs"] else "tile"
+        for d in subtree(c)[1:]:
+            roles[d] = "chunk" if loops[d]["macs"] else "inner"
+    return top, roles
+
+
+def step_counts(analysis, tiles: int = 1, chunks: int = 1) -> dict:
+    """Per-warp counts of one time step: the time loop's own instructions, each tile loop's times
+    ``tiles`` (batch tiles per program), each chunk loop's times ``chunks`` (backward K chunks); the
+    barrier's poll loop is left to the barrier term. Also the grid barrier's release and the W_hh
+    global loads inside the loop."""
+    top, roles = _loop_roles(analysis)
+    if top is None:
+        return {}
+    loops = analysis["loops"]
+    total = {"count": {}, "mma": {}, "macs": 0.0, "bytes": {}, "ldg_qualifiers": {}, "round_trips": 0,
+             "weight_loads": 0}
+
+    def add(lp, times):
+        for field in ("count", "mma", "bytes", "ldg_qualifiers"):
+            for k, v in lp[field].items():
+                total[field][k] = total[field].get(k, 0) + v * times
+        total["macs"] += lp["macs"] * times
+        total["round_trips"] += lp["round_trips"] * times
+        total["weight_loads"] += lp["tags"].get("weights", {}).get("ldg", 0) * times
+
+    add(loops[top], 1)
+    for k, role in roles.items():
+        if role == "tile":
+            add(loops[k], tiles)
+        elif role in ("chunk", "inner"):
+            add(loops[k], tiles * chunks)
+    total["release"] = loops[top]["release"]
+    total["gather_bytes"] = sum(v * 32 * _ldg_bytes(q) for q, v in total["ldg_qualifiers"].items()
+                                if "STRONG.GPU" in q and q != "LDG.E.STRONG.GPU")  # h / dr from L2, not the poll
+    return total
+
+
+def _ldg_bytes(op: str) -> int:
+    from .sass import access_bytes
+    return access_bytes(op)
+
+
+def useful_macs(kernel: str, num_gates: int, block_h: int, block_u: int, rows: int = dispatch.BLOCK_B) -> int:
+    """The multiply-adds one program's step needs: units x rows x K for the gates it computes."""
+    if kernel.startswith("coop"):
+        return num_gates * block_u * rows * block_h  # forward: G*U x rows x H; backward: U x rows x G*H
+    return num_gates * block_h * rows * block_h
+
+
+def facts(r) -> dict:
+    """The facts row of one compile result (see the module docstring), at its nominal size."""
+    chunks = -(-r.block_h // r.w_chunk) if r.w_chunk else 1
+    step = step_counts(r.sass, 1, chunks)
+    if not step:
+        return {"error": r.sass.get("error", "no loop found")}
+    cell = dispatch.CELLS[r.cell]
+    # a dot runs on tensor cores, or (IEEE float32) on FFMA: then those are its issued multiply-adds
+    issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps
+    useful = useful_macs(r.kernel, cell.num_gates, r.block_h, r.block_u)
+    release = step["release"] or {}
+    return {
+        "mma": {op: n * r.num_warps for op, n in step["mma"].items()},
+        "mma_issued_macs": issued, "mma_useful_macs": useful,
+        "mma_efficiency": round(useful / issued, 4) if issued else None,
+        "mma_layouts": r.mma_layouts,
+        "shared_read_bytes": step["bytes"].get("shared_read", 0) * r.num_warps,
+        "global_loaded_bytes": step["bytes"].get("global_loaded", 0) * r.num_warps,
+        "global_stored_bytes": step["bytes"].get("global_stored", 0) * r.num_warps,
+        "gather_bytes": step["gather_bytes"] * r.num_warps,
+        "ldg_qualifiers": step["ldg_qualifiers"],
+        "weight_loads_in_loop": step["weight_loads"],
+        "round_trips": step["round_trips"],
+        "mufu": step["count"].get("mufu", 0) * r.num_warps,
+        "bar_sync": step["count"].get("bar", 0),
+        "membar": step["count"].get("membar", 0),
+        "stores_before_release": release.get("stores_before", 0),
+        "bytes_before_release": release.get("bytes_before", 0) * r.num_warps,
+        "instructions_per_warp": step["count"].get("total", 0),
+        "w_chunk": r.w_chunk,
+    }
+
+
+def config_id(r) -> str:
+    return (f"{r.kernel}/{r.cell}/{r.dtype}/{r.precision}/{r.block_h}/{'16k' if r.aligned else 'any'}"
+            f"/w{r.num_warps}")
+
+
+# --- The estimate ----------------------------------------------------------------------------------
+
+
+def step_cycles(r, step, programs: int, op_bytes: int) -> dict:
+    """Cycles of one program's step (lo, hi) and their breakdown, from ``step`` (step_counts)."""
+    warps = r.num_warps
+    count = step["count"]
+    hgmma = sum(n for op, n in step["mma"].items() if op.startswith("HGMMA")) * warps
+    macs_total = step["macs"] * warps
+    rate = TENSOR_MACS_PER_CYCLE[op_bytes]
+    hmma_share = 1.0 - (hgmma / max(1, sum(step["mma"].values()) * warps))
+    tensor = macs_total / rate
+    tensor_hi = tensor * (1 - hmma_share + hmma_share * HMMA_SLOWDOWN[1])
+    terms = {
+        "tensor": (tensor, tensor_hi),
+        "shared": (step["bytes"].get("shared_read", 0) * warps / SHARED_BYTES_PER_CYCLE,) * 2,
+        "sfu": (count.get("mufu", 0) * warps * 32 / SFU_PER_CYCLE,) * 2,
+        "fp32": (count.get("fp", 0) * warps * 32 / FP32_PER_CYCLE,) * 2,
+        "issue": (count.get("total", 0) * warps / ISSUE_PER_CYCLE,) * 2,
+    }
+    compute = (max(lo for lo, _ in terms.values()), sum(hi for _, hi in terms.values()))
+    latency = {"round_trips": (step["round_trips"] * L2_CYCLES, step["round_trips"] * HBM_CYCLES)}
+    if r.kernel.startswith("coop"):
+        latency["barrier"] = tuple(n * L2_CYCLES for n in BARRIER_ROUND_TRIPS)
+        transfer = step["gather_bytes"] * warps * programs / L2_BYTES_PER_CYCLE
+        latency["l2_gather"] = (max(0.0, transfer - L2_CYCLES), transfer)
+    lo = compute[0] + sum(v[0] for v in latency.values())
+    hi = compute[1] + sum(v[1] for v in latency.values())
+    return {"cycles": (lo, hi), "compute": compute, "terms": terms, "latency": latency}
+
+
+def _result_for(results, kernel, cell, dtype, precision, block_h, aligned):
+    for r in results:
+        if (r.kernel, r.cell, r.dtype, r.precision, r.block_h, r.aligned) == (kernel, cell, dtype, precision,
+                                                                              block_h, aligned):
+            return r
+    return None
+
+
+def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispatch.H200, I: int = None) -> dict:
+    """The per-step estimate (µs, lo..hi) of one layer, forward and forward+backward, on ``props``
+    (the dispatcher's plan for it), with its breakdown; or the reason no kernel serves it."""
+    cuda = torch.device("cuda")
+    plan = dispatch.choose(cell, H, dtype, cuda, B, props)
+    out = {"cell": cell, "H": H, "B": B, "dtype": str(dtype).replace("torch.", ""), "label": LABEL}
+    if not plan.uses_triton:
+        return dict(out, plan=None, reason=plan.reason)
+    c = plan.config
+    out["plan"] = {"variant": c.variant, "block_h": c.block_h, "num_warps": c.num_warps, "groups": c.groups}
+    if c.variant == "stepwise":
+        return dict(out, reason="stepwise: one launch per step, launch-bound (not modelled)")
+    name = out["dtype"]
+    precision = "tf32" if dtype == torch.float32 else "ieee"  # cuDNN's default allow_tf32
+    op_bytes = 4 if dtype == torch.float32 else 2
+    aligned = H % 16 == 0
+    tiles = -(-B // dispatch.BLOCK_B)
+    coop = c.variant == "cooperative"
+    spec = dispatch.CELLS[cell]
+    I = I or H
+    gemm_macs = {"fwd": B * spec.num_gates * H * I, "bwd": 2 * B * spec.num_gates * H * I + B * spec.num_gates * H * H}
+    total = [0.0, 0.0]
+    for mode in ("fwd", "bwd"):
+        kernel = ("coop_" if coop else "") + mode
+        r = _result_for(results, kernel, cell, name, precision, c.block_h, aligned) or \
+            _result_for(results, kernel, cell, name, precision, c.block_h, not aligned)
+        if r is None or not r.sass.get("loops"):
+            return dict(out, reason=f"no analysed build for {kernel} {cell} {name} {c.block_h}")
+        chunks = -(-H // c.w_chunk) if (coop and mode == "bwd" and c.w_chunk) else 1
+        per_program_tiles = -(-tiles // c.groups) if coop else 1
+        programs = -(-H // c.block_u) * c.groups if coop else tiles
+        step = step_counts(r.sass, per_program_tiles, chunks)
+        cost = step_cycles(r, step, programs, op_bytes)
+        resident = dispatch.resident_blocks(props, r.num_warps, r.registers, r.shared_bytes) * props.sm_count
+        waves = 1 if coop else max(1, -(-programs // max(1, resident)))
+        # the GEMMs outside the loop, amortised per step: all SMs at dense peak .. half of it
+        gemm = gemm_macs[mode] / (props.sm_count * TENSOR_MACS_PER_CYCLE[op_bytes])
+        lo, hi = cost["cycles"][0] * waves + gemm, cost["cycles"][1] * waves + 2 * gemm
+        # useful: the real H (padding to BLOCK_H is waste), batch rows in whole tiles of 16
+        useful = spec.num_gates * H * H * tiles * dispatch.BLOCK_B
+        issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps * programs * waves
+        out[mode] = {"us": (lo / (CLOCK_GHZ * 1e3), hi / (CLOCK_GHZ * 1e3)), "build": config_id(r),
+                     "waves": waves, "programs": programs, "gemm_cycles": gemm,
+                     "mma_efficiency_at_H": round(useful / issued, 3) if issued else None,
+                     "compute_cycles": cost["compute"], "terms": cost["terms"], "latency": cost["latency"]}
+        total[0] += lo
+        total[1] += hi
+    out["fwd_bwd"] = {"us": (total[0] / (CLOCK_GHZ * 1e3), total[1] / (CLOCK_GHZ * 1e3))}
+    return out
+
+
+ESTIMATE_GRID = {
+    "LSTM": [32, 64, 128, 256, 512, 768, 1024],
+    "GRU": [32, 64, 128, 256, 512, 768, 1024],
+    "RNN_TANH": [64, 128, 256, 512, 1024, 2048],
+}
+
+
+def estimates(results, batches=(1, 16, 64), dtypes=(torch.bfloat16, torch.float32)):
+    return [estimate(results, cell, H, B, dtype) for dtype in dtypes for cell, hs in ESTIMATE_GRID.items()
+            for H in hs for B in batches]
+
+
+# --- Output ----------------------------------------------------------------------------------------
+
+
+def _range(us) -> str:
+    return f"{us[0]:.2f}-{us[1]:.2f}"
+
+
+def format_facts(rows) -> str:
+    lines = ["| build | MMA issued / step / program | MMA eff. | layout | smem read KiB | global ld/st KiB "
+             "| L2 gather KiB | W_hh ldg in loop | round trips | MUFU | stores before release |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cid, f in rows:
+        if "error" in f:
+            lines.append(f"| {cid} | analysis failed: {f['error']} |||||||||| ")
+            continue
+        mma = ", ".join(f"{n:g} {op}" for op, n in f["mma"].items()) or "none (FMA)"
+        eff = "-" if f["mma_efficiency"] is None else f"{f['mma_efficiency']:.3f}"
+        lines.append(f"| {cid} | {mma} | {eff} | {'; '.join(f['mma_layouts']) or '-'} "
+                     f"| {f['shared_read_bytes'] / 1024:.1f} | {f['global_loaded_bytes'] / 1024:.1f} / "
+                     f"{f['global_stored_bytes'] / 1024:.1f} | {f['gather_bytes'] / 1024:.1f} "
+                     f"| {f['weight_loads_in_loop']:g} | {f['round_trips']:g} | {f['mufu']:g} "
+                     f"| {f['stores_before_release']} |")
+    return "\n".join(lines)
+
+
+def format_estimates(rows) -> str:
+    lines = [f"Per-step time of one layer on an H200 ({LABEL}), µs; forward+backward includes the GEMMs "
+             "outside the loop.", "",
+             "| cell | dtype | H | B | plan | forward µs/step | fwd+bwd µs/step | MMA eff. at H (fwd) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in rows:
+        plan = "torch fallback" if e["plan"] is None else \
+            f"{e['plan']['variant']} {e['plan']['block_h']}"
+        if "fwd" not in e:
+            lines.append(f"| {e['cell']} | {e['dtype']} | {e['H']} | {e['B']} | {plan} | {e.get('reason', '')} | | |")
+            continue
+        eff = e["fwd"]["mma_efficiency_at_H"]
+        lines.append(f"| {e['cell']} | {e['dtype']} | {e['H']} | {e['B']} | {plan} | {_range(e['fwd']['us'])} "
+                     f"| {_range(e['fwd_bwd']['us'])} | {'-' if eff is None else f'{eff:.3f}'} |")
+    return "\n".join(lines)
+
+
+def breakdown(e) -> str:
+    """The terms of one estimate, in cycles, for the anchor's note."""
+    lines = []
+    for mode in ("fwd", "bwd"):
+        m = e[mode]
+        terms = ", ".join(f"{k} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for k, (lo, hi) in m["terms"].items())
+        lat = ", ".join(f"{k} {lo:.0f}-{hi:.0f}" for k, (lo, hi) in m["latency"].items())
+        lines.append(f"- {mode} ({m['build']}, {m['programs']} programs): compute {m['compute_cycles'][0]:.0f}-"
+                     f"{m['compute_cycles'][1]:.0f} cycles (pipes: {terms}); latency: {lat}; GEMMs outside "
+                     f"the loop {m['gemm_cycles']:.0f}-{2 * m['gemm_cycles']:.0f}; = {_range(m['us'])} µs/step")
+    return "\n".join(lines)
+
+
+def anchor_line(results) -> tuple:
+    a = CUDNN_ANCHOR
+    e = estimate(results, a["cell"], a["H"], a["B"], getattr(torch, a["dtype"]))
+    cud_fwd, cud_all = a["fwd_ms"] * 1e3 / a["T"], a["fwd_bwd_ms"] * 1e3 / a["T"]
+    if "fwd" not in e:
+        return e, f"LSTM H=768 B=16 bf16: {e.get('reason')}"
+    f, fb = e["fwd"]["us"], e["fwd_bwd"]["us"]
+    text = (f"LSTM H=768 B=16 bf16 ({LABEL}): forward {_range(f)} µs/step against cuDNN's {cud_fwd:.2f} "
+            f"(ratio {f[0] / cud_fwd:.1f}-{f[1] / cud_fwd:.1f}x); forward+backward {_range(fb)} against "
+            f"{cud_all:.2f} (ratio {fb[0] / cud_all:.1f}-{fb[1] / cud_all:.1f}x). cuDNN: published H100 SXM "
+            f"times, T=1024 ({a['fwd_ms']} / {a['fwd_bwd_ms']} ms).")
+    return e, text
+
+
+def plot(rows, path) -> None:
+    """Estimated µs/step against H per cell (bf16, B=16), forward and forward+backward, cuDNN's
+    anchor marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward+backward")):
+        for cell, color in zip(ESTIMATE_GRID, ("C0", "C1", "C2")):
+            pts = [(e["H"], e[mode]["us"]) for e in rows if e["cell"] == cell and e["B"] == 16
+                   and e["dtype"] == "bfloat16" and mode in e]
+            if not pts:
+                continue
+            hs = [p[0] for p in pts]
+            ax.fill_between(hs, [p[1][0] for p in pts], [p[1][1] for p in pts], color=color, alpha=0.25)
+            ax.plot(hs, [(p[1][0] + p[1][1]) / 2 for p in pts], "o-", color=color, label=cell)
+        a = CUDNN_ANCHOR
+        ax.plot([a["H"]], [(a["fwd_ms"] if mode == "fwd" else a["fwd_bwd_ms"]) * 1e3 / a["T"]], "k*",
+                markersize=14, label="cuDNN LSTM, H100 (published)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden size H")
+        ax.set_title(f"{title}, bf16, B=16")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("µs per step (range: low..high)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"rnn_triton per-step time on an H200: {LABEL}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyse(jobs: int = 1):
+    """The compile check's dispatcher builds (cached) and their facts, by configuration id."""
+    results = compile_check.run(compile_check.dispatcher_configs(), jobs)
+    chosen = [r for r in results if compile_check.is_dispatcher_config(r)]
+    return chosen, [(config_id(r), facts(r)) for r in chosen]
+
+
+def check(fact_rows, baseline) -> list:
+    """Failures: a configuration without a MMA efficiency, below its baseline, missing from it, or
+    reading W_hh from global memory inside its loop where the design keeps W_hh on chip (everywhere
+    but the cooperative backward that re-reads it in chunks)."""
+    bad = []
+    for cid, f in fact_rows:
+        if "error" in f:
+            bad.append(f"{cid}: {f['error']}")
+            continue
+        eff = f["mma_efficiency"]
+        if eff is None:
+            bad.append(f"{cid}: no MMA efficiency")
+        elif cid not in baseline:
+            bad.append(f"{cid}: not in {BASELINE_FILE.name} (python -m rnn_triton.static_cost --write-baseline)")
+        elif eff < baseline[cid] - 1e-6:
+            bad.append(f"{cid}: MMA efficiency {eff:.4f} below its baseline {baseline[cid]:.4f}")
+        if f["weight_loads_in_loop"] and not f["w_chunk"]:
+            bad.append(f"{cid}: {f['weight_loads_in_loop']:g} W_hh global loads inside the time loop")
+    return bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(OUT_DIR), help="where STATIC.md, static_cost.json and the plot go")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--check", action="store_true", help="fail on a regression against the baseline")
+    parser.add_argument("--write-baseline", action="store_true", help="record the MMA efficiencies as the floor")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    compile_check.refuse_interpreter(parser)
+    results, fact_rows = analyse(args.jobs)
+    rows = estimates(results)
+    anchor, anchor_text = anchor_line(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(format_facts(fact_rows))
+    print()
+    print(format_estimates(rows))
+    print()
+    print(anchor_text)
+    if "fwd" in anchor:
+        print(breakdown(anchor))
+    (out / "static_cost.json").write_text(json.dumps(
+        {"label": LABEL, "facts": dict(fact_rows), "estimates": rows, "anchor": anchor,
+         "constants": {"clock_ghz": CLOCK_GHZ, "l2_cycles": L2_CYCLES, "hbm_cycles": HBM_CYCLES,
+                       "l2_bytes_per_cycle": L2_BYTES_PER_CYCLE, "shared_bytes_per_cycle": SHARED_BYTES_PER_CYCLE,
+                       "tensor_macs_per_cycle": TENSOR_MACS_PER_CYCLE, "hmma_slowdown": HMMA_SLOWDOWN,
+                       "fp32_per_cycle": FP32_PER_CYCLE, "sfu_per_cycle": SFU_PER_CYCLE,
+                       "barrier_round_trips": BARRIER_ROUND_TRIPS}}, indent=1, sort_keys=True, default=list))
+    if not args.no_plot:
+        plot(rows, out / "static_cost.png")
+    (out / "STATIC.md").write_text(markdown(fact_rows, rows, anchor, anchor_text))
+    if args.write_baseline:
+        BASELINE_FILE.write_text(json.dumps({cid: f["mma_efficiency"] for cid, f in fact_rows
+                                             if "error" not in f}, indent=1, sort_keys=True) + "\n")
+    if args.check:
+        baseline = json.loads(BASELINE_FILE.read_text()) if BASELINE_FILE.exists() else {}
+        bad = check(fact_rows, baseline)
+        print("\n".join(bad) if bad else f"static check: {len(fact_rows)} configurations, none below its baseline, "
+                                           "no W_hh reloads outside the chunked backward")
+        return 1 if bad else 0
+    return 0
+
+
+def markdown(fact_rows, rows, anchor, anchor_text) -> str:
+    effs = [f["mma_efficiency"] for _, f in fact_rows if f.get("mma_efficiency") is not None]
+    low = sorted(((f["mma_efficiency"], cid) for cid, f in fact_rows if f.get("mma_efficiency") is not None))[:5]
+    parts = [
+        "# Static per-step cost (sm_90): " + LABEL, "",
+        "Made by `python -m rnn_triton.static_cost` from the builds of `python -m rnn_triton.compile_check` "
+        "(committed: `sm90_builds.jsonl`). What the terms mean and where each constant comes from: the "
+        "docstring and constants of `rnn_triton/static_cost.py`; how the SASS is read: `rnn_triton/sass.py`.", "",
+        "## The anchor", "", anchor_text, "",
+        breakdown(anchor) if "fwd" in anchor else "", "",
+        "## Estimates", "", format_estimates(rows), "",
+        "![estimated µs/step against H](static_cost.png)", "",
+        f"*Estimated per-step time against H (bf16, B=16), forward and forward+backward; the band is the "
+        f"low..high range, the star cuDNN's published H100 time for the LSTM at H=768. {LABEL}.*", "",
+        "## Facts per build (per time step of one program, nominal size, one batch tile)", "",
+        f"{len(fact_rows)} dispatcher builds; MMA efficiency from {min(effs):.3f} to {max(effs):.3f}; lowest: "
+        + ", ".join(f"{cid} {e:.3f}" for e, cid in low) + ".", "",
+        "Columns: MMA issued = tensor-core instructions all warps of the program issue (HMMA per warp, "
+        "HGMMA per warp of a warpgroup); MMA eff. = useful multiply-adds (gates x units x rows x K) over "
+        "issued (FFMA counted as issued multiply-adds where the dot runs on FMA); smem read = LDS/LDSM and "
+        "wgmma operand bytes; L2 gather = `.cg` (LDG.STRONG.GPU) bytes of other programs' state; round "
+        "trips = global-memory waits on the step's path; stores before release = global stores the grid "
+        "barrier's MEMBAR waits for.", "",
+        format_facts(fact_rows), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
