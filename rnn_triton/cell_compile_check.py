@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compile_check import (_PTR, BUILDS_FILE, SM90_SHARED_LIMIT, add_cache_arguments, finish_cache, measure,
-                            refuse_interpreter, run)
+                            refuse_interpreter, run, write_table)
 _UNALIGNABLE = ("n_dx_blocks",)
 #: This check's committed build results (see compile_check).
 CELL_BUILDS_FILE = BUILDS_FILE.with_name("sm90_cell_builds.jsonl")  # a count, never assumed divisible by 16
@@ -139,7 +139,11 @@ def main(argv=None) -> int:
     print(format_table(list(zip(results, configs))))
     used = results[: len(used_configs())]
     failed = [r for r in used if not r.ok]
-    print(f"\n{len(used) - len(failed)} of {len(used)} builds cell_ops uses fit on sm_90.")
+    summary = f"{len(used) - len(failed)} of {len(used)} builds cell_ops uses fit on sm_90."
+    print("\n" + summary)
+    if args.write_builds:
+        write_table(CELL_BUILDS_FILE.with_name("CELL_COMPILE.md"), "python -m rnn_triton.cell_compile_check "
+                    "--write-builds", format_table(list(zip(results, configs))), summary)
     return finish_cache(args, configs, results, compile_step, CELL_BUILDS_FILE) or (1 if failed else 0)
 
 

@@ -375,8 +375,24 @@ def main(argv=None) -> int:
             json.dump([asdict(r) | {"ok": r.ok} for r in results], f, indent=1)
     chosen = [r for r in results if is_dispatcher_config(r)]
     failed = [r for r in chosen if not r.ok]
-    print(f"\n{len(chosen) - len(failed)} of {len(chosen)} dispatcher configurations fit on sm_90.")
+    summary = f"{len(chosen) - len(failed)} of {len(chosen)} dispatcher configurations fit on sm_90."
+    print("\n" + summary)
+    if args.write_builds:
+        write_table(BUILDS_FILE.with_name("COMPILE.md"), "python -m rnn_triton.compile_check --probe --write-builds",
+                    format_table(results), summary)
     return finish_cache(args, configs, results, compile_one, BUILDS_FILE) or (1 if failed else 0)
+
+
+def write_table(path, command, table, summary) -> None:
+    """The committed compile table, with the command that made it and what its columns mean."""
+    path.write_text(f"# sm_90 compile table\n\nMade by `{command}` (no GPU: compiled for sm_90 with the "
+                    f"triton wheel's ptxas, read with its cuobjdump). {summary}\n\n"
+                    "Columns: regs = registers per thread; spills = STACK + LOCAL bytes (0 required); shared = "
+                    "dynamic shared memory per program (227 KB at most); tensor cores = mma/wgmma in the PTX; "
+                    "H = 16k (Triton specialised every size and stride as divisible by 16) or any; fits = no "
+                    "spill, within shared memory and, for a cooperative build, within the registers and "
+                    "shared memory `dispatch.COOP_CONFIGS` declares. Rows past the dispatcher's limits "
+                    "(--probe) are expected not to fit.\n\n" + table + "\n")
 
 
 def add_cache_arguments(parser) -> None:

@@ -385,6 +385,61 @@ def plot(rows, path) -> None:
     plt.close(fig)
 
 
+def committed_estimates(path=OUT_DIR / "static_cost.json") -> dict:
+    """The committed estimates by (cell, H, B, dtype name), for a report to put beside measurements
+    (reading the committed table needs no compiler, and no build of this Triton version)."""
+    if not Path(path).exists():
+        return {}
+    rows = json.loads(Path(path).read_text())["estimates"]
+    return {(e["cell"], e["H"], e["B"], e["dtype"]): e for e in rows if "fwd" in e}
+
+
+def report_section(out_dir, measured=(), path=OUT_DIR / "static_cost.json") -> list:
+    """Markdown lines for a benchmark report: the committed static table's anchor and plot (copied into
+    ``out_dir``), and, for measured rnn_triton rows (bench/run.py results on a GPU), the estimate of
+    the same layer beside the measured µs/step, so the model gets checked."""
+    import shutil
+    if not Path(path).exists():
+        return []
+    data = json.loads(Path(path).read_text())
+    plot_file = Path(path).with_name("static_cost.png")
+    lines = ["## Static cost model (sm_90): " + LABEL, "",
+             "Per-step time read from the compiled code of each kernel (`python -m rnn_triton.static_cost`; "
+             "the whole table: `reports/static/STATIC.md`). " + anchor_summary(data.get("anchor", {})), ""]
+    if plot_file.exists():
+        shutil.copy(plot_file, Path(out_dir) / plot_file.name)
+        lines += [f"![{plot_file.name}]({plot_file.name})", "",
+                  f"*Estimated µs per step against H, bf16, B=16 ({LABEL}); the star is cuDNN's published "
+                  "H100 LSTM time at H=768.*", ""]
+    table = committed_estimates(path)
+    pairs = []
+    for r in measured:
+        c = r["config"]
+        e = table.get((c["cell"], c["H"], c["B"], c["dtype"]))
+        mode = {"forward": "fwd", "forward+backward": "fwd_bwd"}.get(r.get("mode"))
+        if e is None or mode is None or c.get("layers", 1) != 1 or c.get("bidirectional"):
+            continue
+        lo, hi = e[mode]["us"]
+        pairs.append(f"| {c['cell']} | {c['dtype']} | {c['H']} | {c['B']} | {r['mode']} | {lo:.2f}-{hi:.2f} "
+                     f"| {r['us_per_step']:.2f} | {'inside' if lo <= r['us_per_step'] <= hi else 'OUTSIDE'} |")
+    if pairs:
+        lines += ["Estimate against measurement (one layer, one direction; the measurement includes the GEMMs "
+                  "outside the loop, as the estimate does):", "",
+                  "| cell | dtype | H | B | mode | estimated µs/step | measured µs/step | |", "|---|---|---|---|---|---|---|---|"]
+        lines += pairs + [""]
+    return lines
+
+
+def anchor_summary(anchor) -> str:
+    if "fwd" not in anchor:
+        return ""
+    a = CUDNN_ANCHOR
+    cud = (a["fwd_ms"] * 1e3 / a["T"], a["fwd_bwd_ms"] * 1e3 / a["T"])
+    f, fb = anchor["fwd"]["us"], anchor["fwd_bwd"]["us"]
+    return (f"LSTM H=768 B=16 bf16, estimated: forward {_range(f)} µs/step (cuDNN on an H100, published: "
+            f"{cud[0]:.2f}), forward+backward {_range(fb)} ({cud[1]:.2f}).")
+
+
 def analyse(jobs: int = 1):
     """The compile check's dispatcher builds (cached) and their facts, by configuration id."""
     results = compile_check.run(compile_check.dispatcher_configs(), jobs)
