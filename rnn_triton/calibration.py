@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,11 +80,27 @@ NOT_ESTIMATED = {
 #:   Kernel Profiling Guide, warp stall reasons: "short scoreboard": a dependency on an MIO operation such
 #:   as special math or shared memory): lo 8, the cycles one warp instruction occupies its sub-partition's
 #:   16/4 = 4-lane-per-clock SFU ([R5] of static_cost: 16 per SM and clock); hi the shared-memory latency.
-#: - local: LDL (spilled registers): lo an L1 hit, hi an L2 hit ([R1]: 40.2 and 259.9 cycles): whether
-#:   the spills stay in L1 depends on the L1 left beside the kernel's shared memory, which the code does
-#:   not say.
+#: - local: LDL (spilled registers), see LOCAL_LATENCY.
 #: - global loads are the model's round trips (costed there, 0 here); stores, barriers, fences: 0.
-SERIAL_LATENCY = {"shared": (29, 29), "mio": (8, 29), "local": (40, 260), "global": (0, 0), "other": (0, 0)}
+SERIAL_LATENCY = {"shared": (29, 29), "mio": (8, 29), "global": (0, 0), "other": (0, 0)}
+#: Local memory (spills) is cached in L1 and L2 (CUDA C++ Programming Guide, "Device Memory Accesses",
+#: local memory: it resides in device memory, with the latency of global memory, cached like it); an
+#: L1 hit costs 40.2 cycles, an L2 hit 259.9 ([R1]). Which one: see ``spills_fit_l1``.
+LOCAL_LATENCY = {"l1": 40, "l2": 260}
+#: L1 and shared memory share 256 KB per SM on the H100 (NVIDIA H100 Tensor Core GPU Architecture
+#: whitepaper); the shared-memory carve-out is one of 0, 8, 16, 32, 64, 100, 132, 164, 196, 228 KB
+#: (CUDA C++ Programming Guide, compute capability 9.0), the driver taking one that holds the kernel's.
+L1_SHARED_KB = 256
+CARVEOUTS_KB = (0, 8, 16, 32, 64, 100, 132, 164, 196, 228)
+
+
+def spills_fit_l1(spill_bytes_per_thread: int, threads_per_sm: int, shared_bytes: int) -> bool:
+    """Whether the spilled registers of every thread on an SM fit in the L1 left beside its shared memory
+    (else the spills' reloads come from L2)."""
+    carve = next((c for c in CARVEOUTS_KB if c * 1024 >= shared_bytes), CARVEOUTS_KB[-1])
+    return spill_bytes_per_thread * threads_per_sm <= (L1_SHARED_KB - carve) * 1024
+
+
 _MIO = ("MUFU", "SHFL", "F2F", "I2F", "F2I", "F2FP", "POPC", "FLO", "BREV", "MATCH", "REDUX", "S2R", "CS2R")
 
 
@@ -152,29 +169,94 @@ def serial_chain(text: str) -> list:
                 for sb in (wr, rd):
                     if sb != 7:
                         last[sb] = _unit(op)
-        lo = {k: v[0] for k, v in SERIAL_LATENCY.items()}
-        hi = {k: v[1] for k, v in SERIAL_LATENCY.items()}
+        cycles = {}
+        for where, local in LOCAL_LATENCY.items():
+            lo = dict({k: v[0] for k, v in SERIAL_LATENCY.items()}, local=local)
+            hi = dict({k: v[1] for k, v in SERIAL_LATENCY.items()}, local=local)
+            cycles[f"local_{where}"] = (_simulate(body, lo), _simulate(body, hi))
         out.append({"start": lp.start, "end": lp.end, "stall_cycles": sum(max(1, r[2]) for r in body),
-                    "waits_by_unit": waits, "cycles": (_simulate(body, lo), _simulate(body, hi)),
+                    "waits_by_unit": waits, "cycles": cycles,
                     "local_loads": sum(1 for r in body if r[1].startswith("LDL")),
+                    "local_bytes": 32 * sum(sass.access_bytes(r[1]) for r in body if r[1].split(".")[0] in ("LDL", "STL")),
                     "local_stores": sum(1 for r in body if r[1].startswith("STL")),
                     "async_copies": sum(1 for r in body if r[1].startswith("LDGSTS"))})
     return out
 
 
-def import_peer(name: str, cubin_path: str, meta_path: str) -> Path:
+def import_peer(name: str, cubin_path: str, meta_path: str, tags=None) -> Path:
     """Analyse a peer's cubin (compiled elsewhere) with ``sass.analyze`` and ``serial_chain``; write
     ``peers/<name>.json`` with the build description from ``meta_path`` (registers, spills, shared
     memory, layouts, compiler, options, source hash)."""
     cubin = Path(cubin_path).read_bytes()
     meta = {k: v for k, v in json.loads(Path(meta_path).read_text()).items() if k != "sass"}
     text = sass.disassemble(cubin)
-    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION, "sass": sass.analyze(cubin, {}),
+    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION, "sass": sass.analyze(cubin, tags or {}),
              "serial": serial_chain(text)}
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     path = PEERS_DIR / f"{name}.json"
     path.write_text(json.dumps(entry, indent=1, sort_keys=True) + "\n")
     return path
+
+
+#: This project's own builds held to the same terms: the cooperative LSTM, bf16, BLOCK_K 1024 (H=768 pads
+#: to it), forward and backward, the builds of the cuDNN anchor (static_cost.CUDNN_ANCHOR).
+OWN = {"own_lstm_coop_fwd_1024": ("coop_fwd", "LSTM", "bfloat16", 1024),
+       "own_lstm_coop_bwd_1024": ("coop_bwd", "LSTM", "bfloat16", 1024)}
+
+
+def import_own(cubin_dir: str) -> list:
+    """Analyse this project's anchor builds from a directory of cubins by build key (compile_check's
+    LOCAL_DIR layout, e.g. a checkout's build/sm90) into ``peers/own_*.json``, with the serial chain.
+    A build not found there is compiled."""
+    import torch
+
+    from . import compile_check
+    compile_check.LOCAL_DIR = Path(cubin_dir)
+    paths = []
+    for name, (kernel, cell, dtype, block) in OWN.items():
+        config = next(c for c in compile_check.dispatcher_configs() if c[0] == kernel and c[1] == cell
+                      and c[2] == getattr(torch, dtype) and c[3] == block and c[6])
+        r = compile_check.compile_one(*config)
+        cubin = compile_check.LOCAL_DIR / f"{r.key}.cubin"
+        meta = {"kernel": kernel, "cell": cell, "dtype": dtype, "block_k": block, "num_warps": r.num_warps,
+                "block_u": r.block_u, "w_chunk": r.w_chunk, "registers": r.registers, "spill_bytes": r.spill_bytes,
+                "shared_bytes": r.shared_bytes, "mma_layouts": r.mma_layouts, "key": r.key,
+                "source": "this project's kernels (compile_check build key above)"}
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # nothing written into cubin_dir
+            json.dump(meta, f)
+            f.flush()
+            paths.append(import_peer(name, str(cubin), f.name, compile_check.source_tags()))
+    return paths
+
+
+def own_anchor() -> list:
+    """The anchor's per-step loop cost (LSTM H=768, B=16, bf16: 48 programs of 16 units, backward in 6
+    chunks of 128), by the model as it is and with the serial chain (the GEMMs outside the loop left
+    out), beside cuDNN's published per-step time. Empty when the own analyses are not committed."""
+    from . import static_cost
+    a = static_cost.CUDNN_ANCHOR
+    rows = []
+    for name, (kernel, _cell, _dtype, block) in OWN.items():
+        path = PEERS_DIR / f"{name}.json"
+        if not path.exists():
+            return []
+        e = json.loads(path.read_text())
+        b = e["build"]
+        r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
+        chunks = -(-a["H"] // b["w_chunk"]) if kernel == "coop_bwd" and b["w_chunk"] else 1
+        programs = -(-a["H"] // b["block_u"])
+        step = static_cost.step_counts(e["sass"], 1, chunks)
+        cost = static_cost.step_cycles(r, step, programs, 2)
+        fits = spills_fit_l1(b["spill_bytes"], 32 * b["num_warps"], b["shared_bytes"])
+        chain = step_chain(e, 1, chunks, "local_l1" if fits else "local_l2")
+        lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
+        prop = (max(cost["compute"][0], chain[0]) + lat[0], max(cost["compute"][1], chain[1]) + lat[1])
+        us = lambda c: c / (static_cost.CLOCK_GHZ * 1e3)  # noqa: E731
+        rows.append({"build": name, "programs": programs, "chunks": chunks, "compute_cycles": cost["compute"],
+                     "latency_cycles": tuple(lat), "serial_cycles": chain,
+                     "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])), "proposed_us": (us(prop[0]), us(prop[1])),
+                     "cudnn_us": (a["fwd_ms"] if kernel == "coop_fwd" else a["fwd_bwd_ms"] - a["fwd_ms"]) * 1e3 / a["T"]})
+    return rows
 
 
 # --- The estimate ----------------------------------------------------------------------------------
@@ -184,10 +266,19 @@ def load_peer(name: str) -> dict:
     return json.loads((PEERS_DIR / f"{name}.json").read_text())
 
 
-def _top_index(analysis) -> int:
+def step_chain(entry: dict, tiles: int = 1, chunks: int = 1, where: str = "local_l1") -> tuple:
+    """One time step's serial chain (lo, hi), aggregated over the loops as ``static_cost.step_counts``
+    aggregates counts: the time loop once, tile loops x tiles, chunk loops x tiles x chunks, the
+    barrier's poll loop left out."""
     from . import static_cost
-    top, _ = static_cost._loop_roles(analysis)
-    return top
+    top, roles = static_cost._loop_roles(entry["sass"])
+    chain = entry["serial"]
+    total = list(chain[top]["cycles"][where])
+    for k, role in roles.items():
+        times = {"tile": tiles, "chunk": tiles * chunks, "inner": tiles * chunks}.get(role, 0)
+        for i in (0, 1):
+            total[i] += chain[k]["cycles"][where][i] * times
+    return tuple(total)
 
 
 def kernel_estimate(peer: dict, programs: int, T: int) -> dict:
@@ -200,21 +291,30 @@ def kernel_estimate(peer: dict, programs: int, T: int) -> dict:
     cost = static_cost.step_cycles(r, step, programs, 2)
     # one program per SM while the grid fits (12 programs of 4 warps on 132 SMs): one wave
     waves = max(1, math.ceil(programs / H100_SMS))
-    top = _top_index(peer["sass"])
+    top, _ = static_cost._loop_roles(peer["sass"])
     serial = peer["serial"][top]
     lo, hi = cost["cycles"]
     ms = lambda c: c * T * waves / (static_cost.CLOCK_GHZ * 1e6)  # noqa: E731
     lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
-    # proposed: the compute phase is at least one warp's serial chain when a warp is alone on its
-    # sub-partition (warps per sub-partition = warps per program / 4, one program per SM)
-    alone = b["num_warps"] <= SUBPARTITIONS
-    chain = serial["cycles"] if alone else (0.0, 0.0)
-    prop = (max(cost["compute"][0], chain[0]) + lat[0], max(cost["compute"][1], chain[1]) + lat[1])
+    # proposed: the compute phase lasts at least one warp's serial chain (however many warps share a
+    # sub-partition, none finishes its iteration sooner); with one warp per sub-partition (4 warps, one
+    # program per SM, as here) nothing hides its latencies and the chain is the time
+    threads = 32 * b["num_warps"]  # one program per SM
+    fits = spills_fit_l1(b["spill_bytes"], threads, b["shared_bytes"])
+    chain = step_chain(peer, 1, 1, "local_l1" if fits else "local_l2")
+    # proposed: spilled registers' traffic (LDL/STL) goes through the same L1/shared-memory data path
+    # as LDS/LDSM: add it to the shared pipe
+    local = serial.get("local_bytes", 0) * b["num_warps"] / static_cost.SHARED_BYTES_PER_CYCLE
+    pipes = {k: (v[0] + local, v[1] + local) if k == "shared" else v for k, v in cost["terms"].items()}
+    compute = (max(lo for lo, _ in pipes.values()), sum(hi for _, hi in pipes.values()))
+    prop = (max(compute[0], chain[0]) + lat[0], max(compute[1], chain[1]) + lat[1])
     return {"step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves, "programs": programs,
             "compute_cycles": cost["compute"], "terms": cost["terms"], "latency": cost["latency"],
             "instructions_per_warp": step["count"].get("total", 0), "mma": step["mma"],
-            "round_trips": step["round_trips"], "serial": serial, "warp_alone": alone,
-            "proposed_step_cycles": prop, "proposed_ms": (ms(prop[0]), ms(prop[1])),
+            "round_trips": step["round_trips"], "serial": serial,
+            "warps_per_subpartition": b["num_warps"] / SUBPARTITIONS,
+            "proposed_step_cycles": prop, "local_pipe_cycles": local,
+            "spills_in": "L1" if fits else "L2", "serial_cycles": chain, "proposed_compute_cycles": compute, "proposed_ms": (ms(prop[0]), ms(prop[1])),
             "registers": b["registers"], "spill_bytes": b["spill_bytes"], "shared_bytes": b["shared_bytes"]}
 
 
@@ -248,6 +348,7 @@ def calibrate() -> dict:
                                      "proposed_ratio": _ratio(pub["fwd_bwd_ms"], both_p)}}})
     skipped = [{"backend": k[0], "DH": k[1], "NH": k[2], **PUBLISHED[k], "reason": v} for k, v in NOT_ESTIMATED.items()]
     return {"label": LABEL, "published_source": PUBLISHED_SOURCE, "rows": rows, "not_estimated": skipped,
+            "own_anchor": own_anchor(),
             "serial_latency": SERIAL_LATENCY}
 
 
@@ -296,8 +397,8 @@ def breakdown(row) -> str:
             f"per warp and step {k['instructions_per_warp']:g} instructions ({mma}); model: compute "
             f"{_rng(k['compute_cycles'], '{:.0f}')} cycles (pipes: {terms}), latency {lat} ({k['round_trips']:g} round "
             f"trips) = {_rng(k['step_cycles'], '{:.0f}')} cycles/step. Serial chain of one warp: stall counts "
-            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated {_rng(s['cycles'], '{:.0f}')} "
-            f"cycles; {s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
+            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated {_rng(k['serial_cycles'], '{:.0f}')} "
+            f"cycles (spills reloaded from {k['spills_in']}); {s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
             f"warp and step.")
     return "\n".join(out)
 
@@ -316,6 +417,19 @@ def markdown(result) -> str:
              "## Breakdown (cycles at 1.98 GHz)", ""]
     for row in rows:
         parts += [f"### {row['id']}", "", breakdown(row), ""]
+    own = result.get("own_anchor") or []
+    if own:
+        parts += ["## The same terms on this project's anchor builds (per step, the loop only)", "",
+                  "LSTM H=768, B=16, bf16, cooperative BLOCK_K 1024 (the builds of static_cost's cuDNN anchor), "
+                  "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
+                  "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
+                  "| build | programs | model compute cycles | latency cycles | serial chain cycles | model µs/step "
+                  "| with the serial chain µs/step | cuDNN µs/step (published) |", "|---|---|---|---|---|---|---|---|"]
+        for o in own:
+            parts.append(f"| {o['build']} | {o['programs']} (x{o['chunks']} chunks) | {_rng(o['compute_cycles'], '{:.0f}')} "
+                         f"| {_rng(o['latency_cycles'], '{:.0f}')} | {_rng(o['serial_cycles'], '{:.0f}')} "
+                         f"| {_rng(o['model_us'])} | {_rng(o['proposed_us'])} | {o['cudnn_us']:.2f} |")
+        parts.append("")
     parts.append(NOTES)
     return "\n".join(parts)
 
@@ -335,9 +449,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the committed table differs")
     parser.add_argument("--import-peer", nargs=3, metavar=("NAME", "CUBIN", "META"))
+    parser.add_argument("--import-own", metavar="CUBIN_DIR", help="analyse this project's anchor builds from there")
     args = parser.parse_args(argv)
     if args.import_peer:
         print(import_peer(*args.import_peer))
+        return 0
+    if args.import_own:
+        print("\n".join(str(p) for p in import_own(args.import_own)))
         return 0
     result = calibrate()
     print(table(result))
