@@ -177,7 +177,8 @@ def serial_chain(text: str) -> list:
         out.append({"start": lp.start, "end": lp.end, "stall_cycles": sum(max(1, r[2]) for r in body),
                     "waits_by_unit": waits, "cycles": cycles,
                     "local_loads": sum(1 for r in body if r[1].startswith("LDL")),
-                    "local_bytes": 32 * sum(sass.access_bytes(r[1]) for r in body if r[1].split(".")[0] in ("LDL", "STL")),
+                    "local_bytes": 32 * sum(sass.access_bytes(r[1]) for r in body
+                                            if r[1].split(".")[0] in ("LDL", "STL")),
                     "local_stores": sum(1 for r in body if r[1].startswith("STL")),
                     "async_copies": sum(1 for r in body if r[1].startswith("LDGSTS"))})
     return out
@@ -254,8 +255,10 @@ def own_anchor() -> list:
         us = lambda c: c / (static_cost.CLOCK_GHZ * 1e3)  # noqa: E731
         rows.append({"build": name, "programs": programs, "chunks": chunks, "compute_cycles": cost["compute"],
                      "latency_cycles": tuple(lat), "serial_cycles": chain,
-                     "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])), "proposed_us": (us(prop[0]), us(prop[1])),
-                     "cudnn_us": (a["fwd_ms"] if kernel == "coop_fwd" else a["fwd_bwd_ms"] - a["fwd_ms"]) * 1e3 / a["T"]})
+                     "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])),
+                     "proposed_us": (us(prop[0]), us(prop[1])),
+                     "cudnn_us": (a["fwd_ms"] if kernel == "coop_fwd" else a["fwd_bwd_ms"] - a["fwd_ms"])
+                     * 1e3 / a["T"]})
     return rows
 
 
@@ -314,7 +317,8 @@ def kernel_estimate(peer: dict, programs: int, T: int) -> dict:
             "round_trips": step["round_trips"], "serial": serial,
             "warps_per_subpartition": b["num_warps"] / SUBPARTITIONS,
             "proposed_step_cycles": prop, "local_pipe_cycles": local,
-            "spills_in": "L1" if fits else "L2", "serial_cycles": chain, "proposed_compute_cycles": compute, "proposed_ms": (ms(prop[0]), ms(prop[1])),
+            "spills_in": "L1" if fits else "L2", "serial_cycles": chain, "proposed_compute_cycles": compute,
+            "proposed_ms": (ms(prop[0]), ms(prop[1])),
             "registers": b["registers"], "spill_bytes": b["spill_bytes"], "shared_bytes": b["shared_bytes"]}
 
 
@@ -397,8 +401,10 @@ def breakdown(row) -> str:
             f"per warp and step {k['instructions_per_warp']:g} instructions ({mma}); model: compute "
             f"{_rng(k['compute_cycles'], '{:.0f}')} cycles (pipes: {terms}), latency {lat} ({k['round_trips']:g} round "
             f"trips) = {_rng(k['step_cycles'], '{:.0f}')} cycles/step. Serial chain of one warp: stall counts "
-            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated {_rng(k['serial_cycles'], '{:.0f}')} "
-            f"cycles ({'no spills' if not k['spill_bytes'] else 'spills reloaded from ' + k['spills_in']}); {s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
+            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated "
+            f"{_rng(k['serial_cycles'], '{:.0f}')} cycles "
+            f"({'no spills' if not k['spill_bytes'] else 'spills reloaded from ' + k['spills_in']}); "
+            f"{s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
             f"warp and step.")
     return "\n".join(out)
 
@@ -425,9 +431,11 @@ def markdown(result) -> str:
                   "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
                   "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
                   "| build | programs | model compute cycles | latency cycles | serial chain cycles | model µs/step "
-                  "| with the serial chain µs/step | cuDNN µs/step (published) |", "|---|---|---|---|---|---|---|---|"]
+                  "| with the serial chain µs/step | cuDNN µs/step (published) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for o in own:
-            parts.append(f"| {o['build']} | {o['programs']} (x{o['chunks']} chunks) | {_rng(o['compute_cycles'], '{:.0f}')} "
+            parts.append(f"| {o['build']} | {o['programs']} (x{o['chunks']} chunks) "
+                         f"| {_rng(o['compute_cycles'], '{:.0f}')} "
                          f"| {_rng(o['latency_cycles'], '{:.0f}')} | {_rng(o['serial_cycles'], '{:.0f}')} "
                          f"| {_rng(o['model_us'])} | {_rng(o['proposed_us'])} | {o['cudnn_us']:.2f} |")
         parts.append("")
