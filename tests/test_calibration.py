@@ -29,6 +29,8 @@ def test_every_published_configuration_is_estimated_or_says_why():
     estimated = {(c["backend"], c["DH"], c["NH"]) for c in calibration.CONFIGS}
     assert set(calibration.PUBLISHED) == estimated | set(calibration.NOT_ESTIMATED)
     rows = calibration.calibrate()["rows"]
+    # DH=128: the figure says "OOSM" for fwd+bwd; the compiled backward asks for more than an SM has
+    assert [r["bwd_launches"] for r in rows if r["DH"] == 128] == [False]
     for row in rows:
         for mode, c in row["compare"].items():
             lo, hi = c["estimate_ms"]
@@ -39,7 +41,7 @@ def test_every_published_configuration_is_estimated_or_says_why():
 def test_peer_estimate_is_the_unchanged_step_model_times_T():
     """The calibration multiplies static_cost's own per-step cycles by T and the waves; it has no
     constant of its own in that path."""
-    peer = calibration.load_peer("flashrnn_triton_lstm_fw")
+    peer = calibration.load_peer("flashrnn_triton_lstm_fw_dh64")
     k = calibration.kernel_estimate(peer, 12, 1024)
     step = static_cost.step_counts(peer["sass"], 1, 1)
     r = type("R", (), {"kernel": "peer", "num_warps": peer["build"]["num_warps"]})
@@ -77,8 +79,8 @@ def test_spills_fit_l1_by_the_carveout_left():
 
 
 def test_peer_builds_record_how_they_were_made():
-    for name in ("flashrnn_triton_lstm_fw", "flashrnn_triton_lstm_bw"):
+    for name in ("flashrnn_triton_lstm_fw_dh64", "flashrnn_triton_lstm_bw_dh64"):
         b = calibration.load_peer(name)["build"]
         assert b["num_warps"] == 4 and b["constexprs"]["siz_B"] == "16" and b["constexprs"]["DH"] == "64"
         assert b["triton"] == "3.0.0" and b["source_sha256"]
-    assert calibration.load_peer("flashrnn_triton_lstm_bw")["build"]["spill_bytes"] > 0
+    assert calibration.load_peer("flashrnn_triton_lstm_bw_dh64")["build"]["spill_bytes"] > 0
