@@ -3,9 +3,10 @@
     python -m rnn_triton.calibration           # recompute the table from reports/static/peers/*.json
     python -m rnn_triton.calibration --check   # fail if the committed calibration.md/json differ
     python -m rnn_triton.calibration --import-peer NAME CUBIN META.json   # analyse a compiled peer
+    python -m rnn_triton.calibration --import-own build/sm90   # our anchor builds, from compile_check's cubins
 
 A *peer* is a kernel whose code is public and whose H100 time is published: FlashRNN's Triton fused
-LSTM (NX-AI, pip ``flashrnn``), forward and backward. Its cubin is compiled outside this repository
+LSTM (NX-AI, pip ``flashrnn``), forward and backward, at the four head sizes its README figure times. Its cubin is compiled outside this repository
 (FlashRNN's code is not ours to commit; how it was compiled is in each peer file's ``build`` and in
 calibration.md), then ``--import-peer`` runs this project's ``sass.analyze`` on it and stores that
 analysis (not the SASS, not the cubin) under ``reports/static/peers/``, together with the per-loop
