@@ -10,7 +10,8 @@ LSTM (NX-AI, pip ``flashrnn``), forward and backward, at the four head sizes its
 and its CUDA fused LSTM forward at 12x64 and 1x768 (at the parameters FlashRNN's own solver gives for
 an H100; their loop nest aggregated by ``step_counts_at``). Its cubin is compiled outside this repository
 (FlashRNN's code is not ours to commit, nor a script that builds it; how each was compiled is in the
-peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's ``sass.analyze`` on it and stores that
+peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's
+``sass.analyze`` on it and stores that
 analysis (not the SASS, not the cubin) under ``reports/static/peers/``, together with the per-loop
 *serial chain* (below). From then on this module needs neither FlashRNN, nor a compiler: it feeds
 each peer's analysis through the SAME step model as our own kernels (``static_cost.step_counts`` and
@@ -219,7 +220,8 @@ def import_peer(name: str, cubin_path: str, meta_path: str, tags=None) -> Path:
     cubin = Path(cubin_path).read_bytes()
     meta = {k: v for k, v in json.loads(Path(meta_path).read_text()).items() if k != "sass"}
     text = sass.disassemble(cubin)
-    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION, "sass": sass.analyze(cubin, tags or meta.get("tags") or {}),
+    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION,
+             "sass": sass.analyze(cubin, tags or meta.get("tags") or {}),
              "serial": serial_chain(text)}
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     path = PEERS_DIR / f"{name}.json"
@@ -383,7 +385,8 @@ def kernel_estimate(peer: dict, programs: int, T: int, kernel: str = "peer", pla
         model_gather = cost["latency"]["l2_gather"]
         plat = [lat[i] - model_gather[i] + max(model_gather[i], gather[i]) for i in (0, 1)]
     prop = (max(compute[0], chain[0]) + plat[0], max(compute[1], chain[1]) + plat[1])
-    return {"proposed_gather_cycles": gather,"step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves, "programs": programs,
+    return {"proposed_gather_cycles": gather, "step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves,
+            "programs": programs,
             "compute_cycles": cost["compute"], "terms": cost["terms"], "latency": cost["latency"],
             "instructions_per_warp": step["count"].get("total", 0), "mma": step["mma"],
             "round_trips": step["round_trips"], "serial": serial,
