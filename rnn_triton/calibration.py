@@ -1,0 +1,574 @@
+"""Hold the static model against published H100 times of other people's kernels (issue 21).
+
+    python -m rnn_triton.calibration           # recompute the table from reports/static/peers/*.json
+    python -m rnn_triton.calibration --check   # fail if the committed calibration.md/json differ
+    python -m rnn_triton.calibration --import-peer NAME CUBIN META.json   # analyse a compiled peer
+    python -m rnn_triton.calibration --import-own build/sm90   # our anchor builds, from compile_check's cubins
+
+A *peer* is a kernel whose code is public and whose H100 time is published: FlashRNN's Triton fused
+LSTM (NX-AI, pip ``flashrnn``), forward and backward, at the four head sizes its README figure times,
+and its CUDA fused LSTM forward at 12x64 and 1x768 (at the parameters FlashRNN's own solver gives for
+an H100; their loop nest aggregated by ``step_counts_at``). Its cubin is compiled outside this repository
+(FlashRNN's code is not ours to commit, nor a script that builds it; how each was compiled is in the
+peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's
+``sass.analyze`` on it and stores that
+analysis (not the SASS, not the cubin) under ``reports/static/peers/``, together with the per-loop
+*serial chain* (below). From then on this module needs neither FlashRNN, nor a compiler: it feeds
+each peer's analysis through the SAME step model as our own kernels (``static_cost.step_counts`` and
+``static_cost.step_cycles``), multiplies by T and by the grid's waves, and writes
+``reports/static/calibration.md`` and ``calibration.json``: estimate against published time, ratio.
+
+The serial chain is a diagnostic this module adds (a term the model lacks, proposed in calibration.md):
+the cycles one warp needs to issue one loop iteration when it is alone on its SM sub-partition (no other
+warp to hide its latencies), read from the control bits of every instruction: the stall count the
+compiler wrote (the cycles before the next instruction may issue: fixed-latency dependencies) and the
+scoreboard waits (variable-latency producers), each costed with the latency of the producer's unit.
+
+Everything here is an estimate from compiled code, except the published times, which are measurements
+by FlashRNN's authors, read from their repository's figure.
+"""
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import sass
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "reports" / "static"
+PEERS_DIR = OUT_DIR / "peers"
+LABEL = "estimate from compiled code, not a measurement"
+
+#: H100 SXM: 132 SMs ([R3] of static_cost: the H100 whitepaper), 4 sub-partitions each.
+H100_SMS = 132
+SUBPARTITIONS = 4
+#: Shared memory one block may use on sm_90 (as compile_check.SM90_SHARED_LIMIT).
+SM90_SHARED_LIMIT = 227 * 1024
+
+#: The published times: FlashRNN's README figure ``head_dim--lstm.svg`` (NX-AI/flashrnn at d73fb52,
+#: the figure of the initial commit 4dda86e, 2024-12-11): its bar labels, in ms, for B=16, T=1024,
+#: bfloat16 (the benchmark's settings: ``flashrnn/speed_experiments/kernel_speed_benchmark.py``,
+#: ``create_head_dimension_configs``: B = 16, T = 1024, dtype default "bfloat16"); H100 per the paper
+#: (arXiv 2412.07752). Forward panel, bars in order DH=16,32,64,128,256,768: Triton fused 1.97, 1.44,
+#: 1.99, 3.23, OOSM, OOSM; CUDA fused 3.56, 2.9, 3.1, 3.22, 3.62, 4.87. Forward+backward panel: Triton
+#: fused 3.47, 4.1, 18.94, OOSM...; CUDA fused 8.22, 8.2, 8.64, 9.02, 11.3, 13.61.
+PUBLISHED = {
+    ("triton_fused", 64, 12): {"fwd_ms": 1.99, "fwd_bwd_ms": 18.94},
+    ("cuda_fused", 64, 12): {"fwd_ms": 3.1, "fwd_bwd_ms": 8.64},
+    ("cuda_fused", 768, 1): {"fwd_ms": 4.87, "fwd_bwd_ms": 13.61},
+    # the other Triton fused bars of the same figure (the same kernels at other head sizes): more points
+    # for the same model; DH=128's forward+backward is "OOSM" (out of shared memory)
+    ("triton_fused", 16, 48): {"fwd_ms": 1.97, "fwd_bwd_ms": 3.47},
+    ("triton_fused", 32, 24): {"fwd_ms": 1.44, "fwd_bwd_ms": 4.1},
+    ("triton_fused", 128, 6): {"fwd_ms": 3.23, "fwd_bwd_ms": None},
+}
+PUBLISHED_SOURCE = ("FlashRNN README figure head_dim--lstm.svg (github.com/NX-AI/flashrnn, commit d73fb52; "
+                    "bar labels), B=16, T=1024, bf16, H100 (arXiv 2412.07752)")
+
+#: The peer configurations: which analysed builds make a forward and a backward, and their launch.
+#: FlashRNN triton_fused: grid (NH, cdiv(B, siz_B)) = (12, 1), 4 warps (lstm_fw.py: autotune configs with
+#: ENABLE_AUTOTUNING False: siz_B 16, num_stages 1, num_warps 4; lstm_bw.py: backward_sequence(siz_B=16)
+#: launches num_warps=4 with Triton's default num_stages 3).
+CONFIGS = [
+    {"id": f"flashrnn-triton_fused-lstm-{nh}x{dh}", "backend": "triton_fused", "DH": dh, "NH": nh, "B": 16,
+     "T": 1024, "fwd": f"flashrnn_triton_lstm_fw_dh{dh}", "bwd": f"flashrnn_triton_lstm_bw_dh{dh}", "programs": nh,
+     "issue": dh == 64}
+    for dh, nh in ((64, 12), (16, 48), (32, 24), (128, 6))
+] + [
+    # FlashRNN cuda_fused forward at the parameters its solver gives for an H100 (calibration.md): a
+    # cooperative grid of 8 gate tiles x 12 heads = 96 blocks of 8 warps, grid.sync() every step. Its
+    # loops (sass.analyze order): 0 the batch-iteration loop (once: BatchIterations = 1), 1 the time loop
+    # (flashrnn_fused_forward.cu "main time loop"), 2 the accumulation over the 4 hidden warp tiles
+    # (local_batch_idx from lane/16 to 16 in steps of 8: 2 trips per step), 3 grid.sync's poll
+    # (cooperative_groups sync.h: the barrier term costs it).
+    {"id": "flashrnn-cuda_fused-lstm-12x64", "backend": "cuda_fused", "DH": 64, "NH": 12, "B": 16, "T": 1024,
+     "fwd": "flashrnn_cuda_lstm_fw_12x64", "bwd": None, "programs": 96, "kernel": "coop",
+     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "issue": True},
+    # ... and at one head of 768: 96 gate tiles x 1 head = 96 blocks of 8 warps, the same loop nest
+    {"id": "flashrnn-cuda_fused-lstm-1x768", "backend": "cuda_fused", "DH": 768, "NH": 1, "B": 16, "T": 1024,
+     "fwd": "flashrnn_cuda_lstm_fw_1x768", "bwd": None, "programs": 96, "kernel": "coop",
+     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "issue": True},
+]
+#: Configurations published but not estimated, and why.
+NOT_ESTIMATED = {}
+#: Published passes not estimated for an estimated configuration, and why.
+NOT_ESTIMATED_PASSES = {
+    ("cuda_fused", 64, 12): "backward not estimated: its loop nest (overlapping loops) needs reading first",
+    ("cuda_fused", 768, 1): "backward not estimated: its loop nest (overlapping loops) needs reading first",
+}
+
+# --- The serial chain (a proposed term; see the module docstring) ----------------------------------
+
+#: Latency (lo, hi) in cycles of the result of a variable-latency producer a later instruction waits for
+#: on a scoreboard, by unit. Fixed-latency dependencies are in the stall counts the compiler wrote.
+#: - shared: LDS/LDSM, [R1] of static_cost (H100 SXM5 micro-benchmarks): shared-memory load latency 28.6.
+#: - mio: MUFU, SHFL, conversions and the other short-scoreboard ("MIO") operations (Nsight Compute
+#:   Kernel Profiling Guide, warp stall reasons: "short scoreboard": a dependency on an MIO operation such
+#:   as special math or shared memory): lo 8, the cycles one warp instruction occupies its sub-partition's
+#:   16/4 = 4-lane-per-clock SFU ([R5] of static_cost: 16 per SM and clock); hi the shared-memory latency.
+#: - local: LDL (spilled registers), see LOCAL_LATENCY.
+#: - global loads are the model's round trips (costed there, 0 here); stores, barriers, fences: 0.
+SERIAL_LATENCY = {"shared": (29, 29), "mio": (8, 29), "global": (0, 0), "other": (0, 0)}
+#: Local memory (spills) is cached in L1 and L2 (CUDA C++ Programming Guide, "Device Memory Accesses",
+#: local memory: it resides in device memory, with the latency of global memory, cached like it); an
+#: L1 hit costs 40.2 cycles, an L2 hit 259.9 ([R1]). Which one: see ``spills_fit_l1``.
+LOCAL_LATENCY = {"l1": 40, "l2": 260}
+#: L1 and shared memory share 256 KB per SM on the H100 (NVIDIA H100 Tensor Core GPU Architecture
+#: whitepaper); the shared-memory carve-out is one of 0, 8, 16, 32, 64, 100, 132, 164, 196, 228 KB
+#: (CUDA C++ Programming Guide, compute capability 9.0), the driver taking one that holds the kernel's.
+L1_SHARED_KB = 256
+CARVEOUTS_KB = (0, 8, 16, 32, 64, 100, 132, 164, 196, 228)
+
+
+def spills_fit_l1(spill_bytes_per_thread: int, threads_per_sm: int, shared_bytes: int) -> bool:
+    """Whether the spilled registers of every thread on an SM fit in the L1 left beside its shared memory
+    (else the spills' reloads come from L2)."""
+    carve = next((c for c in CARVEOUTS_KB if c * 1024 >= shared_bytes), CARVEOUTS_KB[-1])
+    return spill_bytes_per_thread * threads_per_sm <= (L1_SHARED_KB - carve) * 1024
+
+
+_MIO = ("MUFU", "SHFL", "F2F", "I2F", "F2I", "F2FP", "POPC", "FLO", "BREV", "MATCH", "REDUX", "S2R", "CS2R")
+
+
+def _unit(opcode: str) -> str:
+    base = opcode.split(".")[0]
+    if base in ("LDS", "LDSM"):
+        return "shared"
+    if base == "LDL":
+        return "local"
+    if base in ("LDG", "LD", "ATOMG", "LDGSTS"):
+        return "global"
+    if base in _MIO:
+        return "mio"
+    return "other"
+
+
+def control_rows(text: str) -> list:
+    """(address, opcode, stall, write scoreboard, read scoreboard, wait mask) of every instruction of an
+    nvdisasm ``-c -g -hex`` listing (the control bits as ``sass`` reads them, plus the stall count in
+    bits 0-3 and the read scoreboard in bits 8-10)."""
+    lines = text.splitlines()
+    rows = []
+    for i, raw in enumerate(lines):
+        m = sass._INSTR.match(raw)
+        if not m:
+            continue
+        hi = sass._HI.match(lines[i + 1]) if i + 1 < len(lines) else None
+        ctrl = int(hi.group(1), 16) >> 41 if hi else 0
+        rows.append((int(m.group(1), 16), m.group(3), ctrl & 0xf, (ctrl >> 5) & 7, (ctrl >> 8) & 7,
+                     (ctrl >> 11) & 0x3f))
+    return rows
+
+
+def _simulate(body, latency) -> float:
+    """Cycles of one iteration of ``body`` issued by one warp alone (the second of two, so that values
+    carried from the previous iteration are waited for where they are)."""
+    t, ready, ends = 0.0, {}, []
+    for _ in (0, 1):
+        for _addr, op, stall, wr, rd, wait in body:
+            issue = max([t] + [ready.get(sb, 0.0) for sb in range(6) if wait >> sb & 1])
+            if wr != 7:
+                ready[wr] = max(ready.get(wr, 0.0), issue + latency[_unit(op)])
+            if rd != 7:
+                ready[rd] = max(ready.get(rd, 0.0), issue)
+            t = issue + max(1, stall)
+        ends.append(t)
+    return ends[1] - ends[0]
+
+
+def serial_chain(text: str) -> list:
+    """Per loop of a listing (in ``sass.find_loops`` order, outside its inner loops): the sum of stall
+    counts, the scoreboard waits by producer unit, and the simulated one-warp issue time (lo, hi)."""
+    rows = control_rows(text)
+    instrs, labels = sass.parse(text)
+    loops = sass.find_loops(instrs, labels)
+    out = []
+    for lp in loops:
+        inner = [loops[c] for c in lp.children]
+        body = [r for r in rows if lp.start <= r[0] <= lp.end and not any(c.start <= r[0] <= c.end for c in inner)]
+        waits, last = {}, {}
+        for rep in (0, 1):
+            for _addr, op, _stall, wr, rd, wait in body:
+                for sb in range(6):
+                    if wait >> sb & 1 and sb in last and rep:
+                        waits[last[sb]] = waits.get(last[sb], 0) + 1
+                for sb in (wr, rd):
+                    if sb != 7:
+                        last[sb] = _unit(op)
+        cycles = {}
+        for where, local in LOCAL_LATENCY.items():
+            lo = dict({k: v[0] for k, v in SERIAL_LATENCY.items()}, local=local)
+            hi = dict({k: v[1] for k, v in SERIAL_LATENCY.items()}, local=local)
+            cycles[f"local_{where}"] = (_simulate(body, lo), _simulate(body, hi))
+        out.append({"start": lp.start, "end": lp.end, "stall_cycles": sum(max(1, r[2]) for r in body),
+                    "waits_by_unit": waits, "cycles": cycles,
+                    "local_loads": sum(1 for r in body if r[1].startswith("LDL")),
+                    "local_bytes": 32 * sum(sass.access_bytes(r[1]) for r in body
+                                            if r[1].split(".")[0] in ("LDL", "STL")),
+                    "local_stores": sum(1 for r in body if r[1].startswith("STL")),
+                    "async_copies": sum(1 for r in body if r[1].startswith("LDGSTS"))})
+    return out
+
+
+def import_peer(name: str, cubin_path: str, meta_path: str, tags=None) -> Path:
+    """Analyse a peer's cubin (compiled elsewhere) with ``sass.analyze`` and ``serial_chain``; write
+    ``peers/<name>.json`` with the build description from ``meta_path`` (registers, spills, shared
+    memory, layouts, compiler, options, source hash)."""
+    cubin = Path(cubin_path).read_bytes()
+    meta = {k: v for k, v in json.loads(Path(meta_path).read_text()).items() if k != "sass"}
+    text = sass.disassemble(cubin)
+    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION,
+             "sass": sass.analyze(cubin, tags or meta.get("tags") or {}),
+             "serial": serial_chain(text)}
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    path = PEERS_DIR / f"{name}.json"
+    path.write_text(json.dumps(entry, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+#: This project's own builds held to the same terms: the cooperative LSTM, bf16, BLOCK_K 1024 (H=768 pads
+#: to it), forward and backward, the builds of the cuDNN anchor (static_cost.CUDNN_ANCHOR).
+OWN = {"own_lstm_coop_fwd_1024": ("coop_fwd", "LSTM", "bfloat16", 1024),
+       "own_lstm_coop_bwd_1024": ("coop_bwd", "LSTM", "bfloat16", 1024)}
+
+
+def import_own(cubin_dir: str) -> list:
+    """Analyse this project's anchor builds from a directory of cubins by build key (compile_check's
+    LOCAL_DIR layout, e.g. a checkout's build/sm90) into ``peers/own_*.json``, with the serial chain.
+    A build not found there is compiled."""
+    import torch
+
+    from . import compile_check
+    compile_check.LOCAL_DIR = Path(cubin_dir)
+    paths = []
+    for name, (kernel, cell, dtype, block) in OWN.items():
+        config = next(c for c in compile_check.dispatcher_configs() if c[0] == kernel and c[1] == cell
+                      and c[2] == getattr(torch, dtype) and c[3] == block and c[6])
+        r = compile_check.compile_one(*config)
+        cubin = compile_check.LOCAL_DIR / f"{r.key}.cubin"
+        meta = {"kernel": kernel, "cell": cell, "dtype": dtype, "block_k": block, "num_warps": r.num_warps,
+                "block_u": r.block_u, "w_chunk": r.w_chunk, "registers": r.registers, "spill_bytes": r.spill_bytes,
+                "shared_bytes": r.shared_bytes, "mma_layouts": r.mma_layouts, "key": r.key,
+                "source": "this project's kernels (compile_check build key above)"}
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # nothing written into cubin_dir
+            json.dump(meta, f)
+            f.flush()
+            paths.append(import_peer(name, str(cubin), f.name, compile_check.source_tags()))
+    return paths
+
+
+def own_anchor() -> list:
+    """The anchor's per-step loop cost (LSTM H=768, B=16, bf16: 48 programs of 16 units, backward in 6
+    chunks of 128), by the model as it is and with the serial chain (the GEMMs outside the loop left
+    out), beside cuDNN's published per-step time. Empty when the own analyses are not committed."""
+    from . import static_cost
+    a = static_cost.CUDNN_ANCHOR
+    rows = []
+    for name, (kernel, _cell, _dtype, block) in OWN.items():
+        path = PEERS_DIR / f"{name}.json"
+        if not path.exists():
+            return []
+        e = json.loads(path.read_text())
+        b = e["build"]
+        r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
+        chunks = -(-a["H"] // b["w_chunk"]) if kernel == "coop_bwd" and b["w_chunk"] else 1
+        programs = -(-a["H"] // b["block_u"])
+        step = static_cost.step_counts(e["sass"], 1, chunks)
+        cost = static_cost.step_cycles(r, step, programs, 2)
+        fits = spills_fit_l1(b["spill_bytes"], 32 * b["num_warps"], b["shared_bytes"])
+        chain = step_chain(e, 1, chunks, "local_l1" if fits else "local_l2")
+        lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
+        prop = (max(cost["compute"][0], chain[0]) + lat[0], max(cost["compute"][1], chain[1]) + lat[1])
+        us = lambda c: c / (static_cost.CLOCK_GHZ * 1e3)  # noqa: E731
+        rows.append({"build": name, "programs": programs, "chunks": chunks, "compute_cycles": cost["compute"],
+                     "latency_cycles": tuple(lat), "serial_cycles": chain,
+                     "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])),
+                     "proposed_us": (us(prop[0]), us(prop[1])),
+                     "cudnn_us": (a["fwd_ms"] if kernel == "coop_fwd" else a["fwd_bwd_ms"] - a["fwd_ms"])
+                     * 1e3 / a["T"]})
+    return rows
+
+
+# --- The estimate ----------------------------------------------------------------------------------
+
+
+def load_peer(name: str) -> dict:
+    return json.loads((PEERS_DIR / f"{name}.json").read_text())
+
+
+def step_chain(entry: dict, tiles: int = 1, chunks: int = 1, where: str = "local_l1") -> tuple:
+    """One time step's serial chain (lo, hi), aggregated over the loops as ``static_cost.step_counts``
+    aggregates counts: the time loop once, tile loops x tiles, chunk loops x tiles x chunks, the
+    barrier's poll loop left out."""
+    from . import static_cost
+    top, roles = static_cost._loop_roles(entry["sass"])
+    chain = entry["serial"]
+    total = list(chain[top]["cycles"][where])
+    for k, role in roles.items():
+        times = {"tile": tiles, "chunk": tiles * chunks, "inner": tiles * chunks}.get(role, 0)
+        for i in (0, 1):
+            total[i] += chain[k]["cycles"][where][i] * times
+    return tuple(total)
+
+
+def step_counts_at(analysis, time_loop: int, trips: dict) -> dict:
+    """``static_cost.step_counts`` for a kernel whose loop nest its role guess does not fit (a CUDA
+    kernel whose time loop sits inside a loop that runs once, a grid barrier's poll loop nested two
+    deep): the time loop ``time_loop`` once and each loop ``k`` of ``trips`` ``trips[k]`` times per step
+    (a poll loop: 0, the barrier term costs it). The same fields, aggregated the same way."""
+    from . import static_cost
+    loops = analysis["loops"]
+    total = {"count": {}, "mma": {}, "macs": 0.0, "bytes": {}, "ldg_qualifiers": {}, "round_trips": 0,
+             "weight_loads": 0}
+    for k, times in [(time_loop, 1)] + [(int(k), v) for k, v in trips.items()]:
+        lp = loops[k]
+        for name in ("count", "mma", "bytes", "ldg_qualifiers"):
+            for key, v in lp[name].items():
+                total[name][key] = total[name].get(key, 0) + v * times
+        total["macs"] += lp["macs"] * times
+        total["round_trips"] += lp["round_trips"] * times
+    total["release"] = loops[time_loop]["release"]
+    total["gather_bytes"] = sum(v * 32 * static_cost._ldg_bytes(q) for q, v in total["ldg_qualifiers"].items()
+                                if "STRONG.GPU" in q and q != "LDG.E.STRONG.GPU")
+    return total
+
+
+def kernel_estimate(peer: dict, programs: int, T: int, kernel: str = "peer", plan: dict = None) -> dict:
+    """One peer kernel over T steps: the model's per-step cycles (static_cost.step_counts/step_cycles,
+    unchanged; ``step_counts_at`` where ``plan`` names the time loop), times T and the grid's waves;
+    and, apart, the serial chain of the time loop. ``kernel`` starting with "coop": a cooperative
+    launch with a grid barrier every step (the model's barrier and L2-gather terms)."""
+    from . import static_cost
+    b = peer["build"]
+    r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
+    if plan:
+        step = step_counts_at(peer["sass"], plan["time"], plan["trips"])
+    else:
+        step = static_cost.step_counts(peer["sass"], 1, 1)
+    cost = static_cost.step_cycles(r, step, programs, 2)
+    # one program per SM while the grid fits (12 programs of 4 warps on 132 SMs): one wave
+    waves = max(1, math.ceil(programs / H100_SMS))
+    top = plan["time"] if plan else static_cost._loop_roles(peer["sass"])[0]
+    serial = peer["serial"][top]
+    lo, hi = cost["cycles"]
+    ms = lambda c: c * T * waves / (static_cost.CLOCK_GHZ * 1e6)  # noqa: E731
+    lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
+    # proposed: the compute phase lasts at least one warp's serial chain (however many warps share a
+    # sub-partition, none finishes its iteration sooner); with one warp per sub-partition (4 warps, one
+    # program per SM, as here) nothing hides its latencies and the chain is the time
+    threads = 32 * b["num_warps"]  # one program per SM
+    fits = spills_fit_l1(b["spill_bytes"], threads, b["shared_bytes"])
+    where = "local_l1" if fits else "local_l2"
+    if plan:
+        chain = tuple(peer["serial"][top]["cycles"][where][i] + sum(
+            peer["serial"][int(k)]["cycles"][where][i] * v for k, v in plan["trips"].items()) for i in (0, 1))
+    else:
+        chain = step_chain(peer, 1, 1, where)
+    # proposed: spilled registers' traffic (LDL/STL) goes through the same L1/shared-memory data path
+    # as LDS/LDSM: add it to the shared pipe
+    local = serial.get("local_bytes", 0) * b["num_warps"] / static_cost.SHARED_BYTES_PER_CYCLE
+    pipes = {k: (v[0] + local, v[1] + local) if k == "shared" else v for k, v in cost["terms"].items()}
+    compute = (max(lo for lo, _ in pipes.values()), sum(hi for _, hi in pipes.values()))
+    # proposed (correction 4): in a cooperative kernel every global load of the step may read what other
+    # programs wrote before the barrier, not only the .cg (STRONG.GPU) ones the model's gather counts;
+    # L2 serves them at its bandwidth: at least once per program (the warps of a program reading the same
+    # state from L1 after the first), at most as issued
+    plat = list(lat)
+    gather = (0.0, 0.0)
+    if kernel.startswith("coop"):
+        issued = step["bytes"].get("global_loaded", 0) * b["num_warps"] * programs
+        gather = (max(0.0, issued / b["num_warps"] / static_cost.L2_BYTES_PER_CYCLE - static_cost.L2_CYCLES),
+                  issued / static_cost.L2_BYTES_PER_CYCLE)
+        model_gather = cost["latency"]["l2_gather"]
+        plat = [lat[i] - model_gather[i] + max(model_gather[i], gather[i]) for i in (0, 1)]
+    prop = (max(compute[0], chain[0]) + plat[0], max(compute[1], chain[1]) + plat[1])
+    return {"proposed_gather_cycles": gather, "step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves,
+            "programs": programs,
+            "compute_cycles": cost["compute"], "terms": cost["terms"], "latency": cost["latency"],
+            "instructions_per_warp": step["count"].get("total", 0), "mma": step["mma"],
+            "round_trips": step["round_trips"], "serial": serial,
+            "warps_per_subpartition": b["num_warps"] / SUBPARTITIONS,
+            "proposed_step_cycles": prop, "local_pipe_cycles": local,
+            "spills_in": "L1" if fits else "L2", "serial_cycles": chain, "proposed_compute_cycles": compute,
+            "proposed_ms": (ms(prop[0]), ms(prop[1])),
+            "registers": b["registers"], "spill_bytes": b["spill_bytes"], "shared_bytes": b["shared_bytes"]}
+
+
+def _ratio(published, est):
+    """published / estimate at the estimate's low and high end (>1: the model is too fast)."""
+    return (published / est[0] if est[0] else None, published / est[1] if est[1] else None)
+
+
+def _compare(published, est, prop) -> dict:
+    return {"published_ms": published, "estimate_ms": est, "ratio": _ratio(published, est), "proposed_ms": prop,
+            "proposed_ratio": _ratio(published, prop)}
+
+
+def calibrate() -> dict:
+    rows = []
+    for c in CONFIGS:
+        pub = PUBLISHED[(c["backend"], c["DH"], c["NH"])]
+        kernel, plan = c.get("kernel", "peer"), c.get("plan")
+        fwd = kernel_estimate(load_peer(c["fwd"]), c["programs"], c["T"], kernel, plan)
+        bwd = kernel_estimate(load_peer(c["bwd"]), c["programs"], c["T"], kernel, plan) if c["bwd"] else None
+        # a build asking for more shared memory than an SM has does not launch ("OOSM" in the figure)
+        bwd_launches = bwd is None or bwd["shared_bytes"] <= SM90_SHARED_LIMIT
+        compare = {"fwd": _compare(pub["fwd_ms"], fwd["ms"], fwd["proposed_ms"])}
+        row = {"id": c["id"], "backend": c["backend"], "DH": c["DH"], "NH": c["NH"], "B": c["B"], "T": c["T"],
+               "issue_configuration": c["issue"], "published": dict(pub), "fwd": fwd, "bwd": bwd,
+               "bwd_launches": bwd_launches, "compare": compare}
+        if bwd is None:
+            row["not_estimated"] = NOT_ESTIMATED_PASSES.get((c["backend"], c["DH"], c["NH"]), "")
+        elif pub["fwd_bwd_ms"] is not None and bwd_launches:
+            bwd_pub = round(pub["fwd_bwd_ms"] - pub["fwd_ms"], 2)
+            row["published"]["bwd_ms_derived"] = bwd_pub
+            both = tuple(f + b for f, b in zip(fwd["ms"], bwd["ms"]))
+            both_p = tuple(f + b for f, b in zip(fwd["proposed_ms"], bwd["proposed_ms"]))
+            compare["bwd (derived)"] = _compare(bwd_pub, bwd["ms"], bwd["proposed_ms"])
+            compare["fwd+bwd"] = _compare(pub["fwd_bwd_ms"], both, both_p)
+        rows.append(row)
+    skipped = [{"backend": k[0], "DH": k[1], "NH": k[2], **PUBLISHED[k], "reason": v} for k, v in NOT_ESTIMATED.items()]
+    return {"label": LABEL, "published_source": PUBLISHED_SOURCE, "rows": rows, "not_estimated": skipped,
+            "own_anchor": own_anchor(), "serial_latency": SERIAL_LATENCY, "local_latency": LOCAL_LATENCY}
+
+
+def _rng(v, fmt="{:.2f}"):
+    return f"{fmt.format(v[0])}-{fmt.format(v[1])}"
+
+
+def _within(ratio) -> str:
+    """Whether the published time lies within 1.5x of the estimate's range."""
+    lo_r, hi_r = ratio  # published / lo (largest), published / hi (smallest)
+    if hi_r > 1.5:
+        return f"no: published {hi_r:.1f}x above the high end"
+    if lo_r < 1 / 1.5:
+        return f"no: published {1 / lo_r:.1f}x below the low end"
+    return "yes"
+
+
+def table(result) -> str:
+    lines = ["| configuration | pass | published ms | estimate ms (model as is) | published / estimate | within 1.5x "
+             "| with the proposed terms ms | published / that | within 1.5x |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        name = f"{row['backend']} LSTM {row['NH']}x{row['DH']}, B={row['B']}, T={row['T']}"
+        name = f"**{name}** (issue)" if row["issue_configuration"] else name
+        if row.get("not_estimated"):
+            lines.append(f"| {name} | fwd+bwd | {row['published']['fwd_bwd_ms']} | {row['not_estimated']} "
+                         "| | | | | |")
+        if not row["bwd_launches"]:
+            lines.append(f"| {name} | fwd+bwd | OOSM | does not launch: the backward asks for "
+                         f"{row['bwd']['shared_bytes'] / 1024:.0f} KiB of shared memory (> 227) | | | | | |")
+        for mode, c in row["compare"].items():
+            lines.append(f"| {name} | {mode} | {c['published_ms']:.2f} | {_rng(c['estimate_ms'])} "
+                         f"| {_rng(c['ratio'], '{:.1f}')}x | {_within(c['ratio'])} | {_rng(c['proposed_ms'])} "
+                         f"| {_rng(c['proposed_ratio'], '{:.1f}')}x | {_within(c['proposed_ratio'])} |")
+    for s in result["not_estimated"]:
+        lines.append(f"| {s['backend']} LSTM {s['NH']}x{s['DH']}, B=16, T=1024 | fwd / fwd+bwd "
+                     f"| {s['fwd_ms']} / {s['fwd_bwd_ms']} | not estimated | | | {s['reason']} | | |")
+    return "\n".join(lines)
+
+
+def breakdown(row) -> str:
+    out = []
+    for mode in ("fwd", "bwd"):
+        k = row[mode]
+        if k is None:
+            continue
+        terms = ", ".join(f"{n} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for n, (lo, hi) in k["terms"].items())
+        lat = ", ".join(f"{n} {lo:.0f}-{hi:.0f}" for n, (lo, hi) in k["latency"].items())
+        s = k["serial"]
+        waits = ", ".join(f"{u} {n}" for u, n in sorted(s["waits_by_unit"].items()))
+        mma = ", ".join(f"{n:g} {op}" for op, n in k["mma"].items())
+        out.append(
+            f"- **{mode}** ({k['programs']} programs, {k['waves']} wave; "
+            f"{k['registers']} registers, {k['spill_bytes']} B spilled, {k['shared_bytes'] / 1024:.1f} KiB shared): "
+            f"per warp and step {k['instructions_per_warp']:g} instructions ({mma}); model: compute "
+            f"{_rng(k['compute_cycles'], '{:.0f}')} cycles (pipes: {terms}), latency {lat} ({k['round_trips']:g} round "
+            f"trips) = {_rng(k['step_cycles'], '{:.0f}')} cycles/step. Serial chain of one warp: stall counts "
+            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated "
+            f"{_rng(k['serial_cycles'], '{:.0f}')} cycles "
+            f"({'no spills' if not k['spill_bytes'] else 'spills reloaded from ' + k['spills_in']}); "
+            f"{s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
+            f"warp and step.")
+    return "\n".join(out)
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+    parts = ["# Calibration of the static model against published H100 times: " + LABEL, "",
+             "Made by `python -m rnn_triton.calibration` from the committed peer analyses in `reports/static/peers/` "
+             "(the output of this project's `sass.analyze` and `calibration.serial_chain` on the peers' cubins; "
+             "the cubins and SASS are not committed, so CI needs neither FlashRNN nor a compiler). Published: "
+             + result["published_source"] + ". The estimate is the unchanged `static_cost` step model "
+             "(`step_counts`, `step_cycles`) x T x waves; its range is low..high. Ratio = published / estimate "
+             "(above 1: the model is too fast), given at the estimate's low and high end; \"within 1.5x\": the "
+             "published time lies within [low / 1.5, high x 1.5]. \"bwd (derived)\" is published fwd+bwd minus "
+             "published fwd. The proposed terms are corrections 1, 3 and 4 below (spills, one warp's serial chain, "
+             "the gather of plain loads in cooperative kernels), not (yet) part of static_cost.", "",
+             "## Table", "", table(result), "",
+             "## Breakdown (cycles at 1.98 GHz)", ""]
+    for row in rows:
+        parts += [f"### {row['id']}", "", breakdown(row), ""]
+    own = result.get("own_anchor") or []
+    if own:
+        parts += ["## The same terms on this project's anchor builds (per step, the loop only)", "",
+                  "LSTM H=768, B=16, bf16, cooperative BLOCK_K 1024 (the builds of static_cost's cuDNN anchor), "
+                  "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
+                  "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
+                  "| build | programs | model compute cycles | latency cycles | serial chain cycles | model µs/step "
+                  "| with the serial chain µs/step | cuDNN µs/step (published) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for o in own:
+            parts.append(f"| {o['build']} | {o['programs']} (x{o['chunks']} chunks) "
+                         f"| {_rng(o['compute_cycles'], '{:.0f}')} "
+                         f"| {_rng(o['latency_cycles'], '{:.0f}')} | {_rng(o['serial_cycles'], '{:.0f}')} "
+                         f"| {_rng(o['model_us'])} | {_rng(o['proposed_us'])} | {o['cudnn_us']:.2f} |")
+        parts.append("")
+    parts.append(NOTES)
+    return "\n".join(parts)
+
+
+#: The hand-written findings appended to calibration.md (committed beside it).
+NOTES_FILE = OUT_DIR / "calibration_notes.md"
+NOTES = NOTES_FILE.read_text() if NOTES_FILE.exists() else ""
+
+
+def write(result, out=OUT_DIR):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=list) + "\n")
+    (out / "calibration.md").write_text(markdown(result))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed table differs")
+    parser.add_argument("--import-peer", nargs=3, metavar=("NAME", "CUBIN", "META"))
+    parser.add_argument("--import-own", metavar="CUBIN_DIR", help="analyse this project's anchor builds from there")
+    args = parser.parse_args(argv)
+    if args.import_peer:
+        print(import_peer(*args.import_peer))
+        return 0
+    if args.import_own:
+        print("\n".join(str(p) for p in import_own(args.import_own)))
+        return 0
+    result = calibrate()
+    print(table(result))
+    if args.check:
+        want = json.loads(json.dumps(result, sort_keys=True, default=list))
+        have = json.loads((OUT_DIR / "calibration.json").read_text())
+        md_same = (OUT_DIR / "calibration.md").read_text() == markdown(result)
+        if want != have or not md_same:
+            print("calibration.json / calibration.md differ from what the peers' analyses give: "
+                  "run python -m rnn_triton.calibration")
+            return 1
+        return 0
+    write(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
