@@ -8,7 +8,7 @@
 A *peer* is a kernel whose code is public and whose H100 time is published: FlashRNN's Triton fused
 LSTM (NX-AI, pip ``flashrnn``), forward and backward, at the four head sizes its README figure times,
 and its CUDA fused LSTM forward at 12x64 and 1x768 (at the parameters FlashRNN's own solver gives for
-an H100; their loop nest aggregated by ``step_counts_at``). Its cubin is compiled outside this repository
+an H100; their loop nest named in ``CONFIGS``' plans). Its cubin is compiled outside this repository
 (FlashRNN's code is not ours to commit, nor a script that builds it; how each was compiled is in the
 peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's
 ``sass.analyze`` on it and stores that
@@ -18,11 +18,9 @@ each peer's analysis through the SAME step model as our own kernels (``static_co
 ``static_cost.step_cycles``), multiplies by T and by the grid's waves, and writes
 ``reports/static/calibration.md`` and ``calibration.json``: estimate against published time, ratio.
 
-The serial chain is a diagnostic this module adds (a term the model lacks, proposed in calibration.md):
-the cycles one warp needs to issue one loop iteration when it is alone on its SM sub-partition (no other
-warp to hide its latencies), read from the control bits of every instruction: the stall count the
-compiler wrote (the cycles before the next instruction may issue: fixed-latency dependencies) and the
-scoreboard waits (variable-latency producers), each costed with the latency of the producer's unit.
+The corrections the calibration found (spilled registers, cp.async loads, one warp's serial chain as a
+lower bound, every global load of a cooperative step through L2) are part of the model now
+(``sass.py``, ``static_cost.step_cycles``), each with its source; calibration.md records them.
 
 Everything here is an estimate from compiled code, except the published times, which are measurements
 by FlashRNN's authors, read from their repository's figure.
@@ -100,22 +98,8 @@ NOT_ESTIMATED_PASSES = {
     ("cuda_fused", 768, 1): "backward not estimated: its loop nest (overlapping loops) needs reading first",
 }
 
-# --- The serial chain (a proposed term; see the module docstring) ----------------------------------
+# --- Spills ------------------------------------------------------------------------------------
 
-#: Latency (lo, hi) in cycles of the result of a variable-latency producer a later instruction waits for
-#: on a scoreboard, by unit. Fixed-latency dependencies are in the stall counts the compiler wrote.
-#: - shared: LDS/LDSM, [R1] of static_cost (H100 SXM5 micro-benchmarks): shared-memory load latency 28.6.
-#: - mio: MUFU, SHFL, conversions and the other short-scoreboard ("MIO") operations (Nsight Compute
-#:   Kernel Profiling Guide, warp stall reasons: "short scoreboard": a dependency on an MIO operation such
-#:   as special math or shared memory): lo 8, the cycles one warp instruction occupies its sub-partition's
-#:   16/4 = 4-lane-per-clock SFU ([R5] of static_cost: 16 per SM and clock); hi the shared-memory latency.
-#: - local: LDL (spilled registers), see LOCAL_LATENCY.
-#: - global loads are the model's round trips (costed there, 0 here); stores, barriers, fences: 0.
-SERIAL_LATENCY = {"shared": (29, 29), "mio": (8, 29), "global": (0, 0), "other": (0, 0)}
-#: Local memory (spills) is cached in L1 and L2 (CUDA C++ Programming Guide, "Device Memory Accesses",
-#: local memory: it resides in device memory, with the latency of global memory, cached like it); an
-#: L1 hit costs 40.2 cycles, an L2 hit 259.9 ([R1]). Which one: see ``spills_fit_l1``.
-LOCAL_LATENCY = {"l1": 40, "l2": 260}
 #: L1 and shared memory share 256 KB per SM on the H100 (NVIDIA H100 Tensor Core GPU Architecture
 #: whitepaper); the shared-memory carve-out is one of 0, 8, 16, 32, 64, 100, 132, 164, 196, 228 KB
 #: (CUDA C++ Programming Guide, compute capability 9.0), the driver taking one that holds the kernel's.
@@ -130,99 +114,17 @@ def spills_fit_l1(spill_bytes_per_thread: int, threads_per_sm: int, shared_bytes
     return spill_bytes_per_thread * threads_per_sm <= (L1_SHARED_KB - carve) * 1024
 
 
-_MIO = ("MUFU", "SHFL", "F2F", "I2F", "F2I", "F2FP", "POPC", "FLO", "BREV", "MATCH", "REDUX", "S2R", "CS2R")
-
-
-def _unit(opcode: str) -> str:
-    base = opcode.split(".")[0]
-    if base in ("LDS", "LDSM"):
-        return "shared"
-    if base == "LDL":
-        return "local"
-    if base in ("LDG", "LD", "ATOMG", "LDGSTS"):
-        return "global"
-    if base in _MIO:
-        return "mio"
-    return "other"
-
-
-def control_rows(text: str) -> list:
-    """(address, opcode, stall, write scoreboard, read scoreboard, wait mask) of every instruction of an
-    nvdisasm ``-c -g -hex`` listing (the control bits as ``sass`` reads them, plus the stall count in
-    bits 0-3 and the read scoreboard in bits 8-10)."""
-    lines = text.splitlines()
-    rows = []
-    for i, raw in enumerate(lines):
-        m = sass._INSTR.match(raw)
-        if not m:
-            continue
-        hi = sass._HI.match(lines[i + 1]) if i + 1 < len(lines) else None
-        ctrl = int(hi.group(1), 16) >> 41 if hi else 0
-        rows.append((int(m.group(1), 16), m.group(3), ctrl & 0xf, (ctrl >> 5) & 7, (ctrl >> 8) & 7,
-                     (ctrl >> 11) & 0x3f))
-    return rows
-
-
-def _simulate(body, latency) -> float:
-    """Cycles of one iteration of ``body`` issued by one warp alone (the second of two, so that values
-    carried from the previous iteration are waited for where they are)."""
-    t, ready, ends = 0.0, {}, []
-    for _ in (0, 1):
-        for _addr, op, stall, wr, rd, wait in body:
-            issue = max([t] + [ready.get(sb, 0.0) for sb in range(6) if wait >> sb & 1])
-            if wr != 7:
-                ready[wr] = max(ready.get(wr, 0.0), issue + latency[_unit(op)])
-            if rd != 7:
-                ready[rd] = max(ready.get(rd, 0.0), issue)
-            t = issue + max(1, stall)
-        ends.append(t)
-    return ends[1] - ends[0]
-
-
-def serial_chain(text: str) -> list:
-    """Per loop of a listing (in ``sass.find_loops`` order, outside its inner loops): the sum of stall
-    counts, the scoreboard waits by producer unit, and the simulated one-warp issue time (lo, hi)."""
-    rows = control_rows(text)
-    instrs, labels = sass.parse(text)
-    loops = sass.find_loops(instrs, labels)
-    out = []
-    for lp in loops:
-        inner = [loops[c] for c in lp.children]
-        body = [r for r in rows if lp.start <= r[0] <= lp.end and not any(c.start <= r[0] <= c.end for c in inner)]
-        waits, last = {}, {}
-        for rep in (0, 1):
-            for _addr, op, _stall, wr, rd, wait in body:
-                for sb in range(6):
-                    if wait >> sb & 1 and sb in last and rep:
-                        waits[last[sb]] = waits.get(last[sb], 0) + 1
-                for sb in (wr, rd):
-                    if sb != 7:
-                        last[sb] = _unit(op)
-        cycles = {}
-        for where, local in LOCAL_LATENCY.items():
-            lo = dict({k: v[0] for k, v in SERIAL_LATENCY.items()}, local=local)
-            hi = dict({k: v[1] for k, v in SERIAL_LATENCY.items()}, local=local)
-            cycles[f"local_{where}"] = (_simulate(body, lo), _simulate(body, hi))
-        out.append({"start": lp.start, "end": lp.end, "stall_cycles": sum(max(1, r[2]) for r in body),
-                    "waits_by_unit": waits, "cycles": cycles,
-                    "local_loads": sum(1 for r in body if r[1].startswith("LDL")),
-                    "local_bytes": 32 * sum(sass.access_bytes(r[1]) for r in body
-                                            if r[1].split(".")[0] in ("LDL", "STL")),
-                    "local_stores": sum(1 for r in body if r[1].startswith("STL")),
-                    "async_copies": sum(1 for r in body if r[1].startswith("LDGSTS"))})
-    return out
-
-
-def import_peer(name: str, cubin_path: str, meta_path: str, tags=None) -> Path:
-    """Analyse a peer's cubin (compiled elsewhere) with ``sass.analyze`` and ``serial_chain``; write
-    ``peers/<name>.json`` with the build description from ``meta_path`` (registers, spills, shared
-    memory, layouts, compiler, options, source hash)."""
+def import_peer(name: str, cubin_path: str, meta_path: str = None, tags=None) -> Path:
+    """Analyse a peer's cubin (compiled elsewhere) with ``sass.analyze``; write ``peers/<name>.json``
+    with the build description from ``meta_path`` (registers, spills, shared memory, layouts, compiler,
+    options, source hash), or, without one, the description already in that file (re-analysing a
+    peer after ``sass.py`` changed)."""
     cubin = Path(cubin_path).read_bytes()
-    meta = {k: v for k, v in json.loads(Path(meta_path).read_text()).items() if k != "sass"}
-    text = sass.disassemble(cubin)
+    source = Path(meta_path) if meta_path else PEERS_DIR / f"{name}.json"
+    meta = json.loads(source.read_text())
+    meta = meta["build"] if not meta_path else {k: v for k, v in meta.items() if k != "sass"}
     entry = {"name": name, "build": meta, "analysis_version": sass.VERSION,
-             "sass": sass.analyze(cubin, tags or meta.get("tags") or {}),
-             "serial": serial_chain(text)}
+             "sass": sass.analyze(cubin, tags or meta.get("tags") or {})}
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     path = PEERS_DIR / f"{name}.json"
     path.write_text(json.dumps(entry, indent=1, sort_keys=True) + "\n")
@@ -262,8 +164,8 @@ def import_own(cubin_dir: str) -> list:
 
 def own_anchor() -> list:
     """The anchor's per-step loop cost (LSTM H=768, B=16, bf16: 48 programs of 16 units, backward in 6
-    chunks of 128), by the model as it is and with the serial chain (the GEMMs outside the loop left
-    out), beside cuDNN's published per-step time. Empty when the own analyses are not committed."""
+    chunks of 128) by the model (the GEMMs outside the loop left out), beside cuDNN's published
+    per-step time. Empty when the own analyses are not committed."""
     from . import static_cost
     a = static_cost.CUDNN_ANCHOR
     rows = []
@@ -276,17 +178,11 @@ def own_anchor() -> list:
         r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
         chunks = -(-a["H"] // b["w_chunk"]) if kernel == "coop_bwd" and b["w_chunk"] else 1
         programs = -(-a["H"] // b["block_u"])
-        step = static_cost.step_counts(e["sass"], 1, chunks)
-        cost = static_cost.step_cycles(r, step, programs, 2)
-        fits = spills_fit_l1(b["spill_bytes"], 32 * b["num_warps"], b["shared_bytes"])
-        chain = step_chain(e, 1, chunks, "local_l1" if fits else "local_l2")
-        lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
-        prop = (max(cost["compute"][0], chain[0]) + lat[0], max(cost["compute"][1], chain[1]) + lat[1])
+        cost = static_cost.step_cycles(r, static_cost.step_counts(e["sass"], 1, chunks), programs, 2)
         us = lambda c: c / (static_cost.CLOCK_GHZ * 1e3)  # noqa: E731
         rows.append({"build": name, "programs": programs, "chunks": chunks, "compute_cycles": cost["compute"],
-                     "latency_cycles": tuple(lat), "serial_cycles": chain,
-                     "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])),
-                     "proposed_us": (us(prop[0]), us(prop[1])),
+                     "latency_cycles": tuple(sum(v[i] for v in cost["latency"].values()) for i in (0, 1)),
+                     "serial_cycles": cost["chain"], "model_us": (us(cost["cycles"][0]), us(cost["cycles"][1])),
                      "cudnn_us": (a["fwd_ms"] if kernel == "coop_fwd" else a["fwd_bwd_ms"] - a["fwd_ms"])
                      * 1e3 / a["T"]})
     return rows
@@ -299,101 +195,30 @@ def load_peer(name: str) -> dict:
     return json.loads((PEERS_DIR / f"{name}.json").read_text())
 
 
-def step_chain(entry: dict, tiles: int = 1, chunks: int = 1, where: str = "local_l1") -> tuple:
-    """One time step's serial chain (lo, hi), aggregated over the loops as ``static_cost.step_counts``
-    aggregates counts: the time loop once, tile loops x tiles, chunk loops x tiles x chunks, the
-    barrier's poll loop left out."""
-    from . import static_cost
-    top, roles = static_cost._loop_roles(entry["sass"])
-    chain = entry["serial"]
-    total = list(chain[top]["cycles"][where])
-    for k, role in roles.items():
-        times = {"tile": tiles, "chunk": tiles * chunks, "inner": tiles * chunks}.get(role, 0)
-        for i in (0, 1):
-            total[i] += chain[k]["cycles"][where][i] * times
-    return tuple(total)
-
-
-def step_counts_at(analysis, time_loop: int, trips: dict) -> dict:
-    """``static_cost.step_counts`` for a kernel whose loop nest its role guess does not fit (a CUDA
-    kernel whose time loop sits inside a loop that runs once, a grid barrier's poll loop nested two
-    deep): the time loop ``time_loop`` once and each loop ``k`` of ``trips`` ``trips[k]`` times per step
-    (a poll loop: 0, the barrier term costs it). The same fields, aggregated the same way."""
-    from . import static_cost
-    loops = analysis["loops"]
-    total = {"count": {}, "mma": {}, "macs": 0.0, "bytes": {}, "ldg_qualifiers": {}, "round_trips": 0,
-             "weight_loads": 0}
-    for k, times in [(time_loop, 1)] + [(int(k), v) for k, v in trips.items()]:
-        lp = loops[k]
-        for name in ("count", "mma", "bytes", "ldg_qualifiers"):
-            for key, v in lp[name].items():
-                total[name][key] = total[name].get(key, 0) + v * times
-        total["macs"] += lp["macs"] * times
-        total["round_trips"] += lp["round_trips"] * times
-    total["release"] = loops[time_loop]["release"]
-    total["gather_bytes"] = sum(v * 32 * static_cost._ldg_bytes(q) for q, v in total["ldg_qualifiers"].items()
-                                if "STRONG.GPU" in q and q != "LDG.E.STRONG.GPU")
-    return total
-
-
 def kernel_estimate(peer: dict, programs: int, T: int, kernel: str = "peer", plan: dict = None) -> dict:
-    """One peer kernel over T steps: the model's per-step cycles (static_cost.step_counts/step_cycles,
-    unchanged; ``step_counts_at`` where ``plan`` names the time loop), times T and the grid's waves;
-    and, apart, the serial chain of the time loop. ``kernel`` starting with "coop": a cooperative
-    launch with a grid barrier every step (the model's barrier and L2-gather terms)."""
+    """One peer kernel over T steps: the model's per-step cycles (``static_cost.step_counts`` with the
+    time loop and trip counts ``plan`` names where its role guess does not fit, then ``step_cycles``),
+    times T and the grid's waves. ``kernel`` starting with "coop": a cooperative launch with a grid
+    barrier every step (the model's barrier and L2-gather terms)."""
     from . import static_cost
     b = peer["build"]
     r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
     if plan:
-        step = step_counts_at(peer["sass"], plan["time"], plan["trips"])
+        step = static_cost.step_counts(peer["sass"], time_loop=plan["time"], trips=plan["trips"])
     else:
         step = static_cost.step_counts(peer["sass"], 1, 1)
-    cost = static_cost.step_cycles(r, step, programs, 2)
     # one program per SM while the grid fits (12 programs of 4 warps on 132 SMs): one wave
     waves = max(1, math.ceil(programs / H100_SMS))
-    top = plan["time"] if plan else static_cost._loop_roles(peer["sass"])[0]
-    serial = peer["serial"][top]
+    fits = spills_fit_l1(b["spill_bytes"], 32 * b["num_warps"], b["shared_bytes"])
+    cost = static_cost.step_cycles(r, step, programs, 2, "l1" if fits else "l2")
     lo, hi = cost["cycles"]
     ms = lambda c: c * T * waves / (static_cost.CLOCK_GHZ * 1e6)  # noqa: E731
-    lat = [sum(v[i] for v in cost["latency"].values()) for i in (0, 1)]
-    # proposed: the compute phase lasts at least one warp's serial chain (however many warps share a
-    # sub-partition, none finishes its iteration sooner); with one warp per sub-partition (4 warps, one
-    # program per SM, as here) nothing hides its latencies and the chain is the time
-    threads = 32 * b["num_warps"]  # one program per SM
-    fits = spills_fit_l1(b["spill_bytes"], threads, b["shared_bytes"])
-    where = "local_l1" if fits else "local_l2"
-    if plan:
-        chain = tuple(peer["serial"][top]["cycles"][where][i] + sum(
-            peer["serial"][int(k)]["cycles"][where][i] * v for k, v in plan["trips"].items()) for i in (0, 1))
-    else:
-        chain = step_chain(peer, 1, 1, where)
-    # proposed: spilled registers' traffic (LDL/STL) goes through the same L1/shared-memory data path
-    # as LDS/LDSM: add it to the shared pipe
-    local = serial.get("local_bytes", 0) * b["num_warps"] / static_cost.SHARED_BYTES_PER_CYCLE
-    pipes = {k: (v[0] + local, v[1] + local) if k == "shared" else v for k, v in cost["terms"].items()}
-    compute = (max(lo for lo, _ in pipes.values()), sum(hi for _, hi in pipes.values()))
-    # proposed (correction 4): in a cooperative kernel every global load of the step may read what other
-    # programs wrote before the barrier, not only the .cg (STRONG.GPU) ones the model's gather counts;
-    # L2 serves them at its bandwidth: at least once per program (the warps of a program reading the same
-    # state from L1 after the first), at most as issued
-    plat = list(lat)
-    gather = (0.0, 0.0)
-    if kernel.startswith("coop"):
-        issued = step["bytes"].get("global_loaded", 0) * b["num_warps"] * programs
-        gather = (max(0.0, issued / b["num_warps"] / static_cost.L2_BYTES_PER_CYCLE - static_cost.L2_CYCLES),
-                  issued / static_cost.L2_BYTES_PER_CYCLE)
-        model_gather = cost["latency"]["l2_gather"]
-        plat = [lat[i] - model_gather[i] + max(model_gather[i], gather[i]) for i in (0, 1)]
-    prop = (max(compute[0], chain[0]) + plat[0], max(compute[1], chain[1]) + plat[1])
-    return {"proposed_gather_cycles": gather, "step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves,
-            "programs": programs,
-            "compute_cycles": cost["compute"], "terms": cost["terms"], "latency": cost["latency"],
-            "instructions_per_warp": step["count"].get("total", 0), "mma": step["mma"],
-            "round_trips": step["round_trips"], "serial": serial,
+    return {"step_cycles": (lo, hi), "ms": (ms(lo), ms(hi)), "waves": waves, "programs": programs,
+            "compute_cycles": cost["compute"], "serial_cycles": cost["chain"], "terms": cost["terms"],
+            "latency": cost["latency"], "instructions_per_warp": step["count"].get("total", 0), "mma": step["mma"],
+            "round_trips": step["round_trips"], "spills_in": "L1" if fits else "L2",
+            "local_bytes_per_warp": step["bytes"].get("local", 0), "async_copies": step["count"].get("ldg", 0),
             "warps_per_subpartition": b["num_warps"] / SUBPARTITIONS,
-            "proposed_step_cycles": prop, "local_pipe_cycles": local,
-            "spills_in": "L1" if fits else "L2", "serial_cycles": chain, "proposed_compute_cycles": compute,
-            "proposed_ms": (ms(prop[0]), ms(prop[1])),
             "registers": b["registers"], "spill_bytes": b["spill_bytes"], "shared_bytes": b["shared_bytes"]}
 
 
@@ -402,9 +227,8 @@ def _ratio(published, est):
     return (published / est[0] if est[0] else None, published / est[1] if est[1] else None)
 
 
-def _compare(published, est, prop) -> dict:
-    return {"published_ms": published, "estimate_ms": est, "ratio": _ratio(published, est), "proposed_ms": prop,
-            "proposed_ratio": _ratio(published, prop)}
+def _compare(published, est) -> dict:
+    return {"published_ms": published, "estimate_ms": est, "ratio": _ratio(published, est)}
 
 
 def calibrate() -> dict:
@@ -416,7 +240,7 @@ def calibrate() -> dict:
         bwd = kernel_estimate(load_peer(c["bwd"]), c["programs"], c["T"], kernel, plan) if c["bwd"] else None
         # a build asking for more shared memory than an SM has does not launch ("OOSM" in the figure)
         bwd_launches = bwd is None or bwd["shared_bytes"] <= SM90_SHARED_LIMIT
-        compare = {"fwd": _compare(pub["fwd_ms"], fwd["ms"], fwd["proposed_ms"])}
+        compare = {"fwd": _compare(pub["fwd_ms"], fwd["ms"])}
         row = {"id": c["id"], "backend": c["backend"], "DH": c["DH"], "NH": c["NH"], "B": c["B"], "T": c["T"],
                "issue_configuration": c["issue"], "published": dict(pub), "fwd": fwd, "bwd": bwd,
                "bwd_launches": bwd_launches, "compare": compare}
@@ -426,13 +250,12 @@ def calibrate() -> dict:
             bwd_pub = round(pub["fwd_bwd_ms"] - pub["fwd_ms"], 2)
             row["published"]["bwd_ms_derived"] = bwd_pub
             both = tuple(f + b for f, b in zip(fwd["ms"], bwd["ms"]))
-            both_p = tuple(f + b for f, b in zip(fwd["proposed_ms"], bwd["proposed_ms"]))
-            compare["bwd (derived)"] = _compare(bwd_pub, bwd["ms"], bwd["proposed_ms"])
-            compare["fwd+bwd"] = _compare(pub["fwd_bwd_ms"], both, both_p)
+            compare["bwd (derived)"] = _compare(bwd_pub, bwd["ms"])
+            compare["fwd+bwd"] = _compare(pub["fwd_bwd_ms"], both)
         rows.append(row)
     skipped = [{"backend": k[0], "DH": k[1], "NH": k[2], **PUBLISHED[k], "reason": v} for k, v in NOT_ESTIMATED.items()]
     return {"label": LABEL, "published_source": PUBLISHED_SOURCE, "rows": rows, "not_estimated": skipped,
-            "own_anchor": own_anchor(), "serial_latency": SERIAL_LATENCY, "local_latency": LOCAL_LATENCY}
+            "own_anchor": own_anchor(), "serial_latency": sass.SERIAL_LATENCY, "local_latency": sass.LOCAL_LATENCY}
 
 
 def _rng(v, fmt="{:.2f}"):
@@ -450,25 +273,22 @@ def _within(ratio) -> str:
 
 
 def table(result) -> str:
-    lines = ["| configuration | pass | published ms | estimate ms (model as is) | published / estimate | within 1.5x "
-             "| with the proposed terms ms | published / that | within 1.5x |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | pass | published ms | estimate ms | published / estimate | within 1.5x |",
+             "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         name = f"{row['backend']} LSTM {row['NH']}x{row['DH']}, B={row['B']}, T={row['T']}"
         name = f"**{name}** (issue)" if row["issue_configuration"] else name
         if row.get("not_estimated"):
-            lines.append(f"| {name} | fwd+bwd | {row['published']['fwd_bwd_ms']} | {row['not_estimated']} "
-                         "| | | | | |")
+            lines.append(f"| {name} | fwd+bwd | {row['published']['fwd_bwd_ms']} | {row['not_estimated']} | | |")
         if not row["bwd_launches"]:
             lines.append(f"| {name} | fwd+bwd | OOSM | does not launch: the backward asks for "
-                         f"{row['bwd']['shared_bytes'] / 1024:.0f} KiB of shared memory (> 227) | | | | | |")
+                         f"{row['bwd']['shared_bytes'] / 1024:.0f} KiB of shared memory (> 227) | | |")
         for mode, c in row["compare"].items():
             lines.append(f"| {name} | {mode} | {c['published_ms']:.2f} | {_rng(c['estimate_ms'])} "
-                         f"| {_rng(c['ratio'], '{:.1f}')}x | {_within(c['ratio'])} | {_rng(c['proposed_ms'])} "
-                         f"| {_rng(c['proposed_ratio'], '{:.1f}')}x | {_within(c['proposed_ratio'])} |")
+                         f"| {_rng(c['ratio'], '{:.1f}')}x | {_within(c['ratio'])} |")
     for s in result["not_estimated"]:
         lines.append(f"| {s['backend']} LSTM {s['NH']}x{s['DH']}, B=16, T=1024 | fwd / fwd+bwd "
-                     f"| {s['fwd_ms']} / {s['fwd_bwd_ms']} | not estimated | | | {s['reason']} | | |")
+                     f"| {s['fwd_ms']} / {s['fwd_bwd_ms']} | not estimated: {s['reason']} | | |")
     return "\n".join(lines)
 
 
@@ -480,20 +300,15 @@ def breakdown(row) -> str:
             continue
         terms = ", ".join(f"{n} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for n, (lo, hi) in k["terms"].items())
         lat = ", ".join(f"{n} {lo:.0f}-{hi:.0f}" for n, (lo, hi) in k["latency"].items())
-        s = k["serial"]
-        waits = ", ".join(f"{u} {n}" for u, n in sorted(s["waits_by_unit"].items()))
         mma = ", ".join(f"{n:g} {op}" for op, n in k["mma"].items())
         out.append(
             f"- **{mode}** ({k['programs']} programs, {k['waves']} wave; "
             f"{k['registers']} registers, {k['spill_bytes']} B spilled, {k['shared_bytes'] / 1024:.1f} KiB shared): "
-            f"per warp and step {k['instructions_per_warp']:g} instructions ({mma}); model: compute "
-            f"{_rng(k['compute_cycles'], '{:.0f}')} cycles (pipes: {terms}), latency {lat} ({k['round_trips']:g} round "
-            f"trips) = {_rng(k['step_cycles'], '{:.0f}')} cycles/step. Serial chain of one warp: stall counts "
-            f"{s['stall_cycles']} cycles, scoreboard waits by unit: {waits}; simulated "
-            f"{_rng(k['serial_cycles'], '{:.0f}')} cycles "
-            f"({'no spills' if not k['spill_bytes'] else 'spills reloaded from ' + k['spills_in']}); "
-            f"{s['local_loads']} LDL + {s['local_stores']} STL (spills), {s['async_copies']} LDGSTS per "
-            f"warp and step.")
+            f"per warp and step {k['instructions_per_warp']:g} instructions ({mma}); compute "
+            f"{_rng(k['compute_cycles'], '{:.0f}')} cycles (pipes: {terms}; one warp's serial chain "
+            f"{_rng(k['serial_cycles'], '{:.0f}')}, "
+            f"{'no spills' if not k['spill_bytes'] else 'spills reloaded from ' + k['spills_in']}), latency {lat} "
+            f"({k['round_trips']:g} round trips) = {_rng(k['step_cycles'], '{:.0f}')} cycles/step.")
     return "\n".join(out)
 
 
@@ -501,14 +316,13 @@ def markdown(result) -> str:
     rows = result["rows"]
     parts = ["# Calibration of the static model against published H100 times: " + LABEL, "",
              "Made by `python -m rnn_triton.calibration` from the committed peer analyses in `reports/static/peers/` "
-             "(the output of this project's `sass.analyze` and `calibration.serial_chain` on the peers' cubins; "
+             "(the output of this project's `sass.analyze` on the peers' cubins; "
              "the cubins and SASS are not committed, so CI needs neither FlashRNN nor a compiler). Published: "
-             + result["published_source"] + ". The estimate is the unchanged `static_cost` step model "
-             "(`step_counts`, `step_cycles`) x T x waves; its range is low..high. Ratio = published / estimate "
-             "(above 1: the model is too fast), given at the estimate's low and high end; \"within 1.5x\": the "
-             "published time lies within [low / 1.5, high x 1.5]. \"bwd (derived)\" is published fwd+bwd minus "
-             "published fwd. The proposed terms are corrections 1, 3 and 4 below (spills, one warp's serial chain, "
-             "the gather of plain loads in cooperative kernels), not (yet) part of static_cost.", "",
+             + result["published_source"] + ". The estimate is `static_cost`'s step model (`step_counts`, "
+             "`step_cycles`, with corrections 1-4 below applied) x T x waves; its range is low..high. Ratio = "
+             "published / estimate (above 1: the model is too fast), given at the estimate's low and high end; "
+             "\"within 1.5x\": the published time lies within [low / 1.5, high x 1.5]. \"bwd (derived)\" is "
+             "published fwd+bwd minus published fwd.", "",
              "## Table", "", table(result), "",
              "## Breakdown (cycles at 1.98 GHz)", ""]
     for row in rows:
@@ -519,14 +333,14 @@ def markdown(result) -> str:
                   "LSTM H=768, B=16, bf16, cooperative BLOCK_K 1024 (the builds of static_cost's cuDNN anchor), "
                   "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
                   "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
-                  "| build | programs | model compute cycles | latency cycles | serial chain cycles | model µs/step "
-                  "| with the serial chain µs/step | cuDNN µs/step (published) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| build | programs | compute cycles | latency cycles | serial chain cycles | model µs/step "
+                  "| cuDNN µs/step (published) |",
+                  "|---|---|---|---|---|---|---|"]
         for o in own:
             parts.append(f"| {o['build']} | {o['programs']} (x{o['chunks']} chunks) "
                          f"| {_rng(o['compute_cycles'], '{:.0f}')} "
                          f"| {_rng(o['latency_cycles'], '{:.0f}')} | {_rng(o['serial_cycles'], '{:.0f}')} "
-                         f"| {_rng(o['model_us'])} | {_rng(o['proposed_us'])} | {o['cudnn_us']:.2f} |")
+                         f"| {_rng(o['model_us'])} | {o['cudnn_us']:.2f} |")
         parts.append("")
     parts.append(NOTES)
     return "\n".join(parts)
@@ -546,7 +360,8 @@ def write(result, out=OUT_DIR):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the committed table differs")
-    parser.add_argument("--import-peer", nargs=3, metavar=("NAME", "CUBIN", "META"))
+    parser.add_argument("--import-peer", nargs="+", metavar="NAME CUBIN [META]",
+                        help="analyse a peer's cubin (without META: keep the build description it has)")
     parser.add_argument("--import-own", metavar="CUBIN_DIR", help="analyse this project's anchor builds from there")
     args = parser.parse_args(argv)
     if args.import_peer:

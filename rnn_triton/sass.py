@@ -11,7 +11,8 @@ the instructions one iteration issues per warp, outside its inner loops:
   and ``macs``: the multiply-adds one warp's issue of them performs (a warpgroup instruction's MMA
   counted a quarter per warp, since its four warps issue it together);
 - ``bytes``: shared memory read (LDS, LDSM, and the wgmma operands read from shared memory), shared
-  written, global loaded and stored, per warp; ``ldg_qualifiers``: global loads by opcode;
+  written, global loaded (LDG, and LDGSTS: cp.async) and stored, local memory (spills: LDL, STL), per
+  warp; ``ldg_qualifiers``: global loads by opcode;
 - ``round_trips``: the global-memory round trips on the iteration's path: how many times execution
   waits (scoreboard wait bits in the encoding) for a global load issued since the previous such wait.
   Loads issued back to back and waited for together count once; a load issued only after the previous
@@ -19,13 +20,16 @@ the instructions one iteration issues per warp, outside its inner loops:
   the next counts where it is waited for;
 - ``tags``: instructions whose source line lies in a tagged function (``tags``: {tag: [(file, first
   line, last line)]}), by tag and class: e.g. global loads of W_hh inside a loop;
+- ``serial``: the serial chain, one warp's issue time of an iteration alone (``serial_cycles``), low and
+  high, with spill reloads from L1 and from L2;
 - ``release``: for a loop holding a ``MEMBAR.*.GPU`` (the release of a grid barrier's arrival), the
   global stores issued in the iteration before it (which the release waits for) and after it.
 
 Counts are per thread, i.e. per warp instruction: every warp issues every instruction of a loop body
 (Triton emits no warp-specialised code here), so a CTA issues ``num_warps`` times as many.
 
-The control bits decoded (sm_70 and later, bits 105-125 of each 128-bit instruction): stall, yield,
+The control bits decoded (sm_70 and later, bits 105-125 of each 128-bit instruction; Jia et al.,
+"Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking", arXiv 1804.06826): stall, yield,
 write scoreboard, read scoreboard, wait mask, reuse (the layout described by the open-source Volta+
 assemblers, e.g. CuAssembler and TuringAs; checked here against S2R/LDG/LDS producers and their
 consumers).
@@ -54,6 +58,8 @@ class Instr:
     wr_sb: int   # scoreboard this instruction's result sets (7: none)
     wait: int    # scoreboards it waits for, a 6-bit mask
     target: Optional[str] = None  # branch target label
+    stall: int = 1  # cycles before the warp's next instruction may issue (fixed-latency dependencies)
+    rd_sb: int = 7  # scoreboard released when its operands have been read (7: none)
 
 
 @dataclass
@@ -111,7 +117,7 @@ def parse(text: str):
         target = _TARGET.search(m.group(4))
         instrs.append(Instr(addr, m.group(3), m.group(4), m.group(2) is not None, file, line,
                             wr_sb=(ctrl >> 5) & 7, wait=(ctrl >> 11) & 0x3f,
-                            target=target.group(1) if target else None))
+                            target=target.group(1) if target else None, stall=ctrl & 0xf, rd_sb=(ctrl >> 8) & 7))
     return instrs, labels
 
 
@@ -141,8 +147,10 @@ def classify(op: str) -> str:
         return "lds"
     if base in ("STS", "STSM"):
         return "sts"
-    if base in ("LDG", "LD"):
+    if base in ("LDG", "LD", "LDGSTS"):  # LDGSTS: cp.async, global to shared
         return "ldg"
+    if base in ("LDL", "STL"):  # spilled registers: local memory, through L1
+        return "local"
     if base in ("STG", "ST"):
         return "stg"
     if base in ("ATOMG", "REDG", "RED", "ATOM"):
@@ -251,10 +259,59 @@ def _counts(body, tags) -> dict:
             ldg_ops[instr.opcode] = ldg_ops.get(instr.opcode, 0) + 1
         elif kind == "stg":
             bytes_["global_stored"] += access_bytes(instr.opcode)
+        elif kind == "local":
+            bytes_["local"] = bytes_.get("local", 0) + access_bytes(instr.opcode)
     # shared/global bytes are per thread so far: per warp
     bytes_ = {k: v * 32 for k, v in bytes_.items()}
     return {"count": count, "mma": mma, "macs": macs, "bytes": bytes_, "ldg_qualifiers": ldg_ops,
-            "tags": tagged, "round_trips": _round_trips(body, tags)}
+            "tags": tagged, "round_trips": _round_trips(body, tags),
+            "serial": {f"local_{where}": [serial_cycles(body, SERIAL_LATENCY, local, 0),
+                                          serial_cycles(body, SERIAL_LATENCY, local, 1)]
+                       for where, local in LOCAL_LATENCY.items()}}
+
+
+#: The serial chain: the cycles one warp needs to issue one iteration alone on its SM sub-partition (no
+#: other warp to hide its latencies), from each instruction's control bits: the stall count the compiler
+#: wrote (fixed-latency dependencies) and its scoreboard waits, each costed with the latency (lo, hi)
+#: of the producer's unit. Sources: shared memory load 28.6 cycles ([R1] of static_cost: H100 SXM5
+#: micro-benchmarks); "MIO" producers (MUFU, SHFL, conversions: Nsight Compute's "short scoreboard"
+#: stall reason) 8 cycles (one warp instruction on a sub-partition's 4-lane-per-clock SFU, [R5]) to the
+#: shared-memory latency; global loads 0 here (the model's round trips cost them); local memory (spilled
+#: registers, cached like global memory: CUDA C++ Programming Guide, "Device Memory Accesses") an L1 hit,
+#: 40.2 cycles, or an L2 hit, 259.9 ([R1]), by whether the spills fit in the L1 beside shared memory.
+#: (Correction 3 of the calibration against FlashRNN, reports/static/calibration.md.)
+SERIAL_LATENCY = {"shared": (29, 29), "mio": (8, 29), "global": (0, 0), "other": (0, 0)}
+LOCAL_LATENCY = {"l1": 40, "l2": 260}
+_MIO = ("MUFU", "SHFL", "F2F", "I2F", "F2I", "F2FP", "POPC", "FLO", "BREV", "MATCH", "REDUX", "S2R", "CS2R")
+
+
+def unit(opcode: str) -> str:
+    """The unit whose latency a scoreboard wait on this producer costs (see SERIAL_LATENCY)."""
+    base = opcode.split(".")[0]
+    if base in ("LDS", "LDSM"):
+        return "shared"
+    if base == "LDL":
+        return "local"
+    if base in ("LDG", "LD", "ATOMG", "LDGSTS"):
+        return "global"
+    return "mio" if base in _MIO else "other"
+
+
+def serial_cycles(body, latency, local: int, end: int) -> float:
+    """One warp's issue time of one iteration of ``body`` (the second of two, so that values carried
+    from the previous iteration are waited for where they are), with ``latency[unit][end]``."""
+    t, ready, ends = 0.0, {}, []
+    for _ in (0, 1):
+        for instr in body:
+            issue = max([t] + [ready.get(sb, 0.0) for sb in range(6) if instr.wait >> sb & 1])
+            u = unit(instr.opcode)
+            if instr.wr_sb != 7:
+                ready[instr.wr_sb] = max(ready.get(instr.wr_sb, 0.0), issue + (local if u == "local" else latency[u][end]))
+            if instr.rd_sb != 7:
+                ready[instr.rd_sb] = max(ready.get(instr.rd_sb, 0.0), issue)
+            t = issue + max(1, instr.stall)
+        ends.append(t)
+    return ends[1] - ends[0]
 
 
 def _release(instrs, loop: Loop) -> Optional[dict]:

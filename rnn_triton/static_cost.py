@@ -100,33 +100,34 @@ def _loop_roles(analysis):
     return top, roles
 
 
-def step_counts(analysis, tiles: int = 1, chunks: int = 1) -> dict:
+def step_counts(analysis, tiles: int = 1, chunks: int = 1, time_loop=None, trips=None) -> dict:
     """Per-warp counts of one time step: the time loop's own instructions, each tile loop's times
     ``tiles`` (batch tiles per program), each chunk loop's times ``chunks`` (backward K chunks); the
-    barrier's poll loop is left to the barrier term. Also the grid barrier's release and the W_hh
-    global loads inside the loop."""
-    top, roles = _loop_roles(analysis)
-    if top is None:
-        return {}
+    barrier's poll loop is left to the barrier term. Also the serial chain, the grid barrier's release
+    and the W_hh global loads inside the loop. ``time_loop`` and ``trips`` ({loop index: times per
+    step}) override the roles ``_loop_roles`` guesses, for a loop nest it does not fit (a peer's)."""
+    if time_loop is None:
+        time_loop, roles = _loop_roles(analysis)
+        if time_loop is None:
+            return {}
+        trips = {k: {"tile": tiles, "chunk": tiles * chunks, "inner": tiles * chunks}.get(role, 0)
+                 for k, role in roles.items()}
     loops = analysis["loops"]
     total = {"count": {}, "mma": {}, "macs": 0.0, "bytes": {}, "ldg_qualifiers": {}, "round_trips": 0,
-             "weight_loads": 0}
-
-    def add(lp, times):
+             "weight_loads": 0, "serial": {}}
+    for k, times in [(time_loop, 1)] + [(int(k), v) for k, v in trips.items()]:
+        lp = loops[k]
         for field in ("count", "mma", "bytes", "ldg_qualifiers"):
-            for k, v in lp[field].items():
-                total[field][k] = total[field].get(k, 0) + v * times
+            for key, v in lp[field].items():
+                total[field][key] = total[field].get(key, 0) + v * times
         total["macs"] += lp["macs"] * times
         total["round_trips"] += lp["round_trips"] * times
         total["weight_loads"] += lp["tags"].get("weights", {}).get("ldg", 0) * times
-
-    add(loops[top], 1)
-    for k, role in roles.items():
-        if role == "tile":
-            add(loops[k], tiles)
-        elif role in ("chunk", "inner"):
-            add(loops[k], tiles * chunks)
-    total["release"] = loops[top]["release"]
+        for where, (lo, hi) in lp["serial"].items():
+            acc = total["serial"].setdefault(where, [0.0, 0.0])
+            acc[0] += lo * times
+            acc[1] += hi * times
+    total["release"] = loops[time_loop]["release"]
     total["gather_bytes"] = sum(v * 32 * _ldg_bytes(q) for q, v in total["ldg_qualifiers"].items()
                                 if "STRONG.GPU" in q and q != "LDG.E.STRONG.GPU")  # h / dr from L2, not the poll
     return total
@@ -185,8 +186,9 @@ def config_id(r) -> str:
 # --- The estimate ----------------------------------------------------------------------------------
 
 
-def step_cycles(r, step, programs: int, op_bytes: int) -> dict:
-    """Cycles of one program's step (lo, hi) and their breakdown, from ``step`` (step_counts)."""
+def step_cycles(r, step, programs: int, op_bytes: int, spills_in: str = "l1") -> dict:
+    """Cycles of one program's step (lo, hi) and their breakdown, from ``step`` (step_counts).
+    ``spills_in``: where spilled registers' reloads hit, "l1" or "l2" (calibration.spills_fit_l1)."""
     warps = r.num_warps
     count = step["count"]
     hgmma = sum(n for op, n in step["mma"].items() if op.startswith("HGMMA")) * warps
@@ -195,22 +197,29 @@ def step_cycles(r, step, programs: int, op_bytes: int) -> dict:
     hmma_share = 1.0 - (hgmma / max(1, sum(step["mma"].values()) * warps))
     tensor = macs_total / rate
     tensor_hi = tensor * (1 - hmma_share + hmma_share * HMMA_SLOWDOWN[1])
+    # spilled registers (LDL/STL) move through the same L1/shared-memory data path as LDS (correction 1)
+    shared = (step["bytes"].get("shared_read", 0) + step["bytes"].get("local", 0)) * warps / SHARED_BYTES_PER_CYCLE
     terms = {
         "tensor": (tensor, tensor_hi),
-        "shared": (step["bytes"].get("shared_read", 0) * warps / SHARED_BYTES_PER_CYCLE,) * 2,
+        "shared": (shared, shared),
         "sfu": (count.get("mufu", 0) * warps * 32 / SFU_PER_CYCLE,) * 2,
         "fp32": (count.get("fp", 0) * warps * 32 / FP32_PER_CYCLE,) * 2,
         "issue": (count.get("total", 0) * warps / ISSUE_PER_CYCLE,) * 2,
     }
-    compute = (max(lo for lo, _ in terms.values()), sum(hi for _, hi in terms.values()))
+    # no warp finishes its iteration sooner than its own serial chain (correction 3)
+    chain = step["serial"].get(f"local_{spills_in}", (0.0, 0.0))
+    compute = (max([lo for lo, _ in terms.values()] + [chain[0]]),
+               max(sum(hi for _, hi in terms.values()), chain[1]))
     latency = {"round_trips": (step["round_trips"] * L2_CYCLES, step["round_trips"] * HBM_CYCLES)}
     if r.kernel.startswith("coop"):
         latency["barrier"] = tuple(n * L2_CYCLES for n in BARRIER_ROUND_TRIPS)
-        transfer = step["gather_bytes"] * warps * programs / L2_BYTES_PER_CYCLE
-        latency["l2_gather"] = (max(0.0, transfer - L2_CYCLES), transfer)
+        # every global load of a cooperative step may read what other programs wrote before the barrier,
+        # so L2 serves it: at least once per program, at most as issued by every warp (correction 4)
+        issued = step["bytes"].get("global_loaded", 0) * warps * programs / L2_BYTES_PER_CYCLE
+        latency["l2_gather"] = (max(0.0, issued / warps - L2_CYCLES), issued)
     lo = compute[0] + sum(v[0] for v in latency.values())
     hi = compute[1] + sum(v[1] for v in latency.values())
-    return {"cycles": (lo, hi), "compute": compute, "terms": terms, "latency": latency}
+    return {"cycles": (lo, hi), "compute": compute, "chain": tuple(chain), "terms": terms, "latency": latency}
 
 
 def _result_for(results, kernel, cell, dtype, precision, block_h, aligned):

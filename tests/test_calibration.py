@@ -3,7 +3,7 @@ peer analyses give, and the serial chain reads the control bits as documented. N
 nor a compiler: the peers' analyses are committed under reports/static/peers/."""
 import json
 
-from rnn_triton import calibration, static_cost
+from rnn_triton import calibration, sass, static_cost
 
 
 def _line(addr, text, stall=1, wr=7, rd=7, wait=0):
@@ -51,6 +51,7 @@ def test_peer_estimate_is_the_unchanged_step_model_times_T():
 
 
 def test_serial_chain_reads_stalls_and_scoreboard_waits():
+    """sass.analyze's serial chain (correction 3), on a known loop."""
     body = [".L_x_0:\n",
             (0x00, "LDS R4, [R2]", 1, 0),                 # shared load, result on scoreboard 0
             (0x10, "FADD R5, R4, R4", 4, 7, 7, 0b1),      # waits for it: 29 cycles after the LDS
@@ -59,15 +60,13 @@ def test_serial_chain_reads_stalls_and_scoreboard_waits():
             (0x40, "LDL R8, [R1]", 1, 2),                 # a spill reload on scoreboard 2
             (0x50, "FADD R9, R8, R7", 1, 7, 7, 0b100),    # waits for it: 40 (L1) or 260 (L2)
             (0x60, "BRA `(.L_x_0)", 1)]
-    chain = calibration.serial_chain(_listing(body))
-    assert len(chain) == 1
-    c = chain[0]
-    assert c["stall_cycles"] == 1 + 4 + 1 + 2 + 1 + 1 + 1
-    assert c["waits_by_unit"] == {"shared": 1, "mio": 1, "local": 1}
-    assert (c["local_loads"], c["local_stores"], c["local_bytes"]) == (1, 0, 128)
+    instrs, labels = sass.parse(_listing(body))
+    assert len(sass.find_loops(instrs, labels)) == 1
+    c = sass._counts(instrs, {})
+    assert c["count"]["local"] == 1 and c["bytes"]["local"] == 128
     # LDS@0; FADD@29 (stall 4); MUFU@33; FMUL@33+lat (stall 2); LDL; FADD@LDL+lat (1); BRA (1)
-    assert c["cycles"]["local_l1"] == (29 + 4 + 8 + 2 + 40 + 1 + 1, 29 + 4 + 29 + 2 + 40 + 1 + 1)
-    assert c["cycles"]["local_l2"][0] == 29 + 4 + 8 + 2 + 260 + 1 + 1
+    assert c["serial"]["local_l1"] == [29 + 4 + 8 + 2 + 40 + 1 + 1, 29 + 4 + 29 + 2 + 40 + 1 + 1]
+    assert c["serial"]["local_l2"][0] == 29 + 4 + 8 + 2 + 260 + 1 + 1
 
 
 def test_spills_fit_l1_by_the_carveout_left():
