@@ -17,8 +17,11 @@ by build key, so nothing compiles twice):
 2. **Estimates**, per (cell, H, B, dtype, mode): the plan ``dispatch.choose`` makes on an H200, and a
    per-step latency range built from those counts and the machine constants below, each with its
    source. The compute phase is bounded below by its busiest pipe (tensor cores, shared memory, SFU,
-   FP32, issue) and above by their sum; the latency terms (dependent round trips, the grid barrier,
-   the L2 gather) add to both. Printed beside cuDNN's published H100 anchor.
+   FP32, issue) or one warp's serial chain, whichever is longer, and above by the pipes' sum (or the
+   chain); the latency terms (dependent round trips, the grid barrier, the L2 gather) add to both.
+   Printed beside cuDNN's published H100 anchor. The model is held against published times of
+   FlashRNN's kernels by ``python -m rnn_triton.calibration`` (the corrections it led to are listed
+   with the constants).
 
 What the model cannot see: real L2 hit rates (a round trip is costed as an L2 hit at the low end and
 an HBM access at the high end), the clock under load, contention between programs for L2 and the
@@ -73,6 +76,19 @@ BARRIER_ROUND_TRIPS = (2.5, 3.0)
 #: 2412.07752, its benchmark data): 2.01 ms forward, 5.19 ms forward+backward.
 CUDNN_ANCHOR = {"cell": "LSTM", "H": 768, "B": 16, "T": 1024, "dtype": "bfloat16",
                 "fwd_ms": 2.01, "fwd_bwd_ms": 5.19}
+
+#: Corrections from holding the model against FlashRNN's published H100 times (python -m
+#: rnn_triton.calibration, reports/static/calibration.md; the first cut missed by up to 3.6x):
+#: 1. Spilled registers: LDL/STL (sass "local") go through the L1/shared-memory data path, so their
+#:    bytes join the shared pipe (L1 and shared memory are one 256 KB array per SM: [R3]); their
+#:    reloads' latency is an L1 or an L2 hit in the serial chain (sass.LOCAL_LATENCY).
+#: 2. cp.async (LDGSTS) is a global load (sass.classify): bytes and round trips.
+#: 3. No warp finishes an iteration sooner than its own serial chain (sass.serial_cycles: stall counts and
+#:    scoreboard waits costed by unit, sass.SERIAL_LATENCY): the compute phase is at least that.
+#: 4. In a cooperative step every global load may read another program's pre-barrier store, so L2 serves
+#:    all of them (not only the .cg loads): at least once per program, at most as issued.
+#: Not applied, no source to cite: the peers' remaining gap (~2,200 cycles per step in both CUDA
+#: cooperative forwards) points at a grid barrier several times dearer than BARRIER_ROUND_TRIPS.
 
 _FWD = ("fwd", "coop_fwd")
 
