@@ -61,8 +61,15 @@ class _TritonRecurrent:
             batch = int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
+        plan = dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
                                directions=2 if self.bidirectional else 1)
+        if plan.uses_triton and data.device.type == "cpu" and not runtime.interpreter_ready():
+            raise RuntimeError(
+                "rnn_triton: TRITON_INTERPRET=1 was set after triton was imported (importing rnn_triton "
+                "imports it), so the Triton kernels were built for a GPU and cannot run on the CPU. Set it "
+                "before the first import of triton or rnn_triton: run `TRITON_INTERPRET=1 python ...`, or "
+                "put `os.environ[\"TRITON_INTERPRET\"] = \"1\"` at the top of the script.")
+        return plan
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
