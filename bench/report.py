@@ -50,14 +50,15 @@ def _speedups(rows):
             if p == "torch.nn" and (k, m, "rnn_triton") in times}
 
 
-def _finish(fig, ax, title, on_cpu, timings, out, name):
-    """Title the figure (on a CPU: saying so; over timings: a watermark too), save it; its file name."""
+def _finish(fig, axes, title, on_cpu, timings, out, name):
+    """Title the figure (on a CPU: saying so; over timings: a watermark on every panel too), save it;
+    its file name."""
     if on_cpu:
         title += "\n" + (CPU_LABEL if timings else "CPU, Triton interpreter")
-        if timings:
+        for ax in axes if timings else []:
             ax.text(0.5, 0.5, "CPU interpreter\nnot GPU performance", transform=ax.transAxes, ha="center",
-                    va="center", fontsize=16, color="gray", alpha=0.25, rotation=20)
-    ax.set_title(title, fontsize=9)
+                    va="center", fontsize=14, color="gray", alpha=0.25, rotation=20)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=110)
     plt.close(fig)
@@ -90,12 +91,8 @@ def plot_accuracy(acc, on_cpu, out):
         ax.set_yticks(range(len(cells)), cells)
         ax.set_title(f"{mode} ({'outputs' if mode == 'forward' else 'gradients'})", fontsize=9)
         fig.colorbar(im, ax=ax, label="log10 max rel. error")
-    title = "rnn_triton: max relative error against torch.nn in float64"
-    fig.suptitle(title + ("\nCPU, Triton interpreter" if on_cpu else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
-    plt.close(fig)
-    return ["accuracy.png"]
+    return [_finish(fig, axes[0], "rnn_triton: max relative error against torch.nn in float64", on_cpu, False,
+                    out, "accuracy.png")]
 
 
 def plot_heatmaps(rows, out):
@@ -123,37 +120,39 @@ def plot_heatmaps(rows, out):
         ax.set_ylabel("batch")
         fig.colorbar(im, ax=ax)
         name = f"speedup_{cell}_{dtype}_{mode.replace('+', '_')}_T{T}.png"
-        files.append(_finish(fig, ax, f"{cell} {dtype} {mode}, T={T}, I={I}\nspeedup over torch.nn "
-                                      f"(higher is better)", False, True, out, name))
+        files.append(_finish(fig, [ax], f"{cell} {dtype} {mode}, T={T}, I={I}: speedup over torch.nn "
+                                        f"(higher is better)", False, True, out, name))
     return files
 
 
 def plot_time_vs_seq(rows, on_cpu, out):
-    """Per cell and mode, p50 against T for every provider, where a run swept T; file names."""
-    series = defaultdict(lambda: defaultdict(list))
+    """Per cell, dtype, B and H where a run swept T: p50 against T for every provider, a panel per mode;
+    file names."""
+    series = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
-        if not r.get("mode"):
-            continue
-        c = r["config"]
-        series[(c["cell"], c["dtype"], r["mode"], c["B"], c["H"])][r["provider"]].append((c["T"], r["p50"]))
+        if r.get("mode"):
+            c = r["config"]
+            series[(c["cell"], c["dtype"], c["B"], c["H"])][r["mode"]][r["provider"]].append((c["T"], r["p50"]))
     files = []
-    for (cell, dtype, mode, B, H), by_provider in sorted(series.items()):
-        if max(len({t for t, _ in pts}) for pts in by_provider.values()) < 3:
+    for (cell, dtype, B, H), by_mode in sorted(series.items()):
+        by_mode = {m: p for m, p in by_mode.items() if max(len({t for t, _ in pts}) for pts in p.values()) >= 3}
+        if not by_mode:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for provider, pts in sorted(by_provider.items()):
-            pts = sorted(pts)
-            ax.plot([t for t, _ in pts], [ms for _, ms in pts], marker="o", label=provider)
-        ax.set_xscale("log")
-        ts = sorted({t for pts in by_provider.values() for t, _ in pts})
-        ax.set_xticks(ts, [str(t) for t in ts])
-        ax.minorticks_off()
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("time (ms, median)")
-        ax.legend(fontsize=7)
-        name = f"time_vs_T_{cell}_{dtype}_{mode.replace('+', '_')}_B{B}_H{H}.png"
-        files.append(_finish(fig, ax, f"{cell} {dtype} {mode}, B={B}, H={H}", on_cpu, True, out, name))
+        fig, axes = plt.subplots(1, len(by_mode), figsize=(0.5 + 4 * len(by_mode), 3.6), squeeze=False)
+        for ax, (mode, by_provider) in zip(axes[0], by_mode.items()):
+            for provider, pts in sorted(by_provider.items()):
+                pts = sorted(pts)
+                ax.plot([t for t, _ in pts], [ms for _, ms in pts], marker="o", label=provider)
+            ax.set_xscale("log")
+            ts = sorted({t for pts in by_provider.values() for t, _ in pts})
+            ax.set_xticks(ts, [str(t) for t in ts])
+            ax.minorticks_off()
+            ax.set_yscale("log")
+            ax.set(xlabel="sequence length T", ylabel="time (ms, median)", title=mode)
+            ax.legend(fontsize=7)
+        name = f"time_vs_T_{cell}_{dtype}_B{B}_H{H}.png"
+        files.append(_finish(fig, axes[0], f"{cell} {dtype}, B={B}, H={H}: time against T", on_cpu, True, out,
+                             name))
     return files
 
 
@@ -184,7 +183,7 @@ def plot_forward_backward(rows, on_cpu, out):
     ax.legend(fontsize=7)
     dtype, B, T, I, H, layers, bidir = config
     size = _size(dict(B=B, T=T, I=I, H=H, layers=layers, bidirectional=bidir))
-    return [_finish(fig, ax, f"forward vs backward, {dtype} {size}", on_cpu, True, out,
+    return [_finish(fig, [ax], f"forward vs backward, {dtype} {size}", on_cpu, True, out,
                     "forward_vs_backward.png")]
 
 
@@ -243,9 +242,11 @@ def _accuracy_section(acc, figures):
                   "parameter; right), over the sizes in the table below.*", ""]
     lines += ["Columns: **forward** / **backward**: rnn_triton's largest relative error over the outputs / "
               "over the gradients; **torch.nn forward** / **torch.nn backward**: the same for torch.nn in "
-              "that dtype (\"-\": torch.nn has no implementation of it here); **bound**: the dtype's "
-              "tolerance; **within**: the error is within the bound or within twice torch.nn's own (the "
-              "tests' rule); **kernel**: the kernel that ran.", "",
+              "that dtype (\"-\": torch.nn has no implementation of it here); **bound**: the largest error "
+              "accepted, forward / backward (the tests' tolerances: the dtype's, and 0.25 for ReLU gradients "
+              "in half precision, where a pre-activation within rounding of 0 flips its derivative); "
+              "**within**: the error is within the bound or within twice torch.nn's own (the tests' rule); "
+              "**kernel**: the kernel that ran.", "",
               "| cell | dtype | size | kernel | forward | backward | torch.nn forward | torch.nn backward "
               "| bound | within |", "|" + "---|" * 10]
     for r in acc:
@@ -256,7 +257,7 @@ def _accuracy_section(acc, figures):
             continue
         lines.append(f"| {c['cell']} | {c['dtype']} | {_size(c)} | {r['variant']} | {r['forward']:.1e} "
                      f"| {r['backward']:.1e} | {_fmt(r['torch_forward'], '.1e')} | "
-                     f"{_fmt(r['torch_backward'], '.1e')} | {r['bound']:.0e} | "
+                     f"{_fmt(r['torch_backward'], '.1e')} | {' / '.join(f'{b:.2g}' for b in r['bound'])} | "
                      f"{'yes' if r['within_bound'] else '**no**'} |")
     return lines + [""]
 

@@ -242,9 +242,18 @@ def _max_errors(got, want):
     return tuple(max(_rel_err(a.cpu(), b) for a, b in zip(g, w)) for g, w in zip(got, want))
 
 
-def within_bound(err, torch_err, dtype_name):
-    """The tests' rule: within the dtype's tolerance, or within twice torch.nn's own error in that dtype."""
-    return err <= max(_tolerance(getattr(torch, dtype_name)), 2 * (torch_err or 0))
+def accuracy_bound(cell, dtype_name, mode):
+    """The largest relative error phase 1 accepts for ``mode``'s tensors, as the tests do (tests/helpers.py):
+    the dtype's tolerance, except for ReLU gradients in half precision, where a pre-activation within
+    rounding of 0 flips its derivative and every later step with it (torch.nn's own are 0.1-0.2 off)."""
+    if cell == "RNN_RELU" and dtype_name != "float32" and mode == "backward":
+        return 0.25
+    return _tolerance(getattr(torch, dtype_name))
+
+
+def within_bound(err, torch_err, bound):
+    """The tests' rule: within the bound, or within twice torch.nn's own error in that dtype."""
+    return err <= max(bound, 2 * (torch_err or 0))
 
 
 def configs_of(sweeps):
@@ -356,12 +365,13 @@ def _accuracy_row(i, n, cell, dtype, size, env):
         print(f"{label}: not run ({variant})", flush=True)
         return env | dict(kind="accuracy", provider="rnn_triton", config=config, mode=None, skipped=variant)
     (fwd, bwd), (torch_fwd, torch_bwd) = errors["rnn_triton"], errors["torch.nn"]
-    ok = within_bound(fwd, torch_fwd, dtype) and within_bound(bwd, torch_bwd, dtype)
+    bounds = [accuracy_bound(cell, dtype, mode) for mode in ("forward", "backward")]
+    ok = within_bound(fwd, torch_fwd, bounds[0]) and within_bound(bwd, torch_bwd, bounds[1])
     print(f"{label}: max rel err forward {fwd:.1e}, backward {bwd:.1e} ({variant}; "
           f"{'within' if ok else 'OVER'} bound) ({time.perf_counter() - start:.1f}s)", flush=True)
     return env | dict(kind="accuracy", provider="rnn_triton", config=config, variant=variant,
                       forward=fwd, backward=bwd, torch_forward=torch_fwd, torch_backward=torch_bwd,
-                      bound=_tolerance(getattr(torch, dtype)), within_bound=ok)
+                      bound=bounds, within_bound=ok)
 
 
 if __name__ == "__main__":
