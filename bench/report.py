@@ -60,7 +60,7 @@ def _finish(fig, axes, title, on_cpu, timings, out, name):
                     va="center", fontsize=14, color="gray", alpha=0.25, rotation=20)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, name), dpi=110)
+    fig.savefig(os.path.join(out, name), dpi=110, metadata={"Title": title})  # readable by tests
     plt.close(fig)
     return name
 
