@@ -93,7 +93,8 @@ class _TritonRecurrent:
             input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
-        if input.shape[0 if not self.batch_first else 1] == 0:
+        # Not while tracing: jit.trace turns the size into a tensor and warns at its use as a bool.
+        if not torch.jit.is_tracing() and input.shape[0 if not self.batch_first else 1] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         # torch.nn's own shape checks, with its messages and exception types.
         if hx is None:
