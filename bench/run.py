@@ -69,8 +69,10 @@ PRESETS = {
     # the cooperative kernels' reference configurations (issue 5), against cuDNN only
     "large": [sweep(batch=[1, 16, 64], hidden=[256, 512, 768, 1024], seq=[1024],
                     modes=["forward", "forward+backward"], providers=CORE)],
-    # The headline: every size class the kernels take (tile-persistent to cooperative) against cuDNN,
-    # sized for bench/gpu_check.sh (~75 measurements a minute at --budget-ms 50, Triton compiles aside).
+    # The headline: every size class the kernels take (tile-persistent to cooperative) against cuDNN.
+    # Sized for bench/gpu_check.sh's 5 minutes at --budget-ms 50 (an estimate, not yet run on a GPU):
+    # ~200 measurements of ~0.1 s and ~40 Triton builds of a few seconds; the compiled cell loop, the
+    # slowest to build, comes last, and a timeout still writes the report.
     "default": [
         sweep(cells=["LSTM", "GRU", "RNN_TANH"], batch=[1, 16, 64], hidden=[128, 256, 512, 1024], seq=[1024],
               modes=["forward", "forward+backward"]),                               # speedup heatmaps

@@ -68,7 +68,7 @@ class Setting:
 
 SETTINGS = {
     # T = 50 is past the tanh RNN's reach at this budget and within the gated cells' (seeds 0, 2, 3 show
-    # it; at seed 1 the LSTM needed more steps): about 15 s on a CPU.
+    # it; at seed 1 the LSTM needed more steps): about 20 s on a CPU.
     "quick": Setting(lengths=(5, 20, 50), steps=300, hidden=32, batch=32, eval_size=256),
     "cpu": Setting(lengths=(10, 20, 50, 100, 200), steps=1000, hidden=32),  # 2 to 4 minutes on 2 cores
     "gpu": Setting(lengths=(10, 30, 100, 300), steps=1000, hidden=32),
@@ -254,7 +254,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("reports", "lesson"))
     parser.add_argument("--quick", action="store_true",
-                        help="the smallest setting that still shows the lesson at most seeds: about 15 s on a CPU")
+                        help="the smallest setting that still shows the lesson at most seeds: about 20 s on a CPU")
     parser.add_argument("--torch-init", action="store_true",
                         help="keep torch.nn's initialisation (no orthogonal W_hh, no chrono gate biases)")
     args = parser.parse_args(argv)
