@@ -5,8 +5,9 @@
     python bench/run.py --cells LSTM --batch 16 64 --hidden 128 --seq 1024 --dtypes bfloat16
 
 Three phases, each announced as it starts:
-1. accuracy: each cell and dtype of the sweeps, on small inputs, against torch.nn in float64 (forward
-   outputs and backward gradients; torch.nn's own error in that dtype beside it);
+1. accuracy: each cell of the sweeps in every dtype (on a GPU: the sweeps' dtypes), on small inputs,
+   against torch.nn in float64 (forward outputs and backward gradients; torch.nn's own error in that
+   dtype beside it);
 2. timings: every provider is built from the same torch.nn weights and fed the same random inputs; its
    output is checked against torch.nn first (a wrong kernel never posts a time); then each mode (forward,
    backward, forward+backward) is timed for --budget-ms: triton.testing.do_bench on a GPU (warm-up, CUDA
