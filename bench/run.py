@@ -203,7 +203,8 @@ def accuracy(cell, dtype_name, B, T, I, H, layers, bidirectional):
     """Phase 1 for one cell, dtype and size: the largest relative error against torch.nn in float64 of
     rnn_triton, and of torch.nn itself in that dtype, over the forward outputs (y, h_n, c_n) and over the
     backward gradients (input, initial states, every parameter), for random inputs, initial states and
-    output gradients. A dict, or None with the reason when rnn_triton's kernels do not take the size."""
+    output gradients. ({provider: (forward, backward)}, the kernel variant that ran), or (None, the
+    reason) when rnn_triton's kernels do not take the size."""
     device = torch.device("cuda" if ON_GPU else "cpu")
     dtype = getattr(torch, dtype_name)
     ref = make_reference(cell, I, H, layers, bidirectional, "cpu", torch.float64)
@@ -228,12 +229,10 @@ def accuracy(cell, dtype_name, B, T, I, H, layers, bidirectional):
 
 def _outputs_and_gradients(module, x, states, seed, device, dtype):
     """``module``'s outputs for (x, states) and the gradients of sum(outputs * g) (g: random, from
-    ``seed``; None: the outputs only) with respect to the input, the states and the parameters."""
+    ``seed``) with respect to the input, the states and the parameters."""
     inputs = [t.to(device, dtype).requires_grad_() for t in [x] + states]
     y, h = module(inputs[0], tuple(inputs[1:]) if len(inputs) == 3 else inputs[1])
     outputs = [y] + (list(h) if isinstance(h, tuple) else [h])
-    if seed is None:
-        return outputs, []
     generator = torch.Generator().manual_seed(seed)
     grads_out = [torch.randn(o.shape, dtype=torch.float64, generator=generator).to(device, dtype)
                  for o in outputs]
