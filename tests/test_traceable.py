@@ -7,46 +7,47 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_triton
-from rnn_triton import runtime
+from rnn_triton import packing, runtime
 
 from helpers import DEVICE, rel_err
 
 
 
+def _ours(module, packed, states):
+    """Our module on a PackedSequence: the packed output's data and the final states."""
+    y, h = module(packed, (tuple(states) if len(states) == 2 else states[0]) if states else None)
+    return [y.data] + (list(h) if isinstance(h, tuple) else [h])
+
 
 @pytest.mark.parametrize("cell,enforce_sorted,with_state", [("LSTM", True, False), ("LSTM", False, True),
                                                              ("GRU", False, False)])
 def test_packed_input_compiles_without_a_graph_break(cell, enforce_sorted, with_state):
+    """fullgraph=True: any graph break inside our forward is an error. Outputs and every gradient as eager."""
     torch._dynamo.reset()
     module = getattr(rnn_triton, cell)(5, 16, bidirectional=True).to(DEVICE)
     lengths = torch.tensor([6, 4, 2] if enforce_sorted else [4, 6, 1])
     x = torch.randn(6, 3, 5, device=DEVICE)
     hx = [torch.randn(2, 3, 16, device=DEVICE) for _ in range(2 if cell == "LSTM" else 1)] if with_state else []
-
-    def packed_forward(x, *states):
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
-        return _ours(module, packed, states)
-
     results = []
-    for fn in (packed_forward, torch.compile(_ours, fullgraph=True, backend="aot_eager")):
+    for fn in (_ours, torch.compile(_ours, fullgraph=True, backend="aot_eager")):
         module.zero_grad()
         xi = x.clone().requires_grad_()
         states = [h.clone().requires_grad_() for h in hx]
+        # the client's own packing, outside the compiled function: Dynamo skips torch's (a break of theirs)
+        packed = pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted)
         before = runtime.launches["persistent_fwd"]
-        if fn is packed_forward:
-            outs = fn(xi, *states)
-        else:  # the client's pack_padded_sequence outside the compiled region: Dynamo skips it
-            outs = fn(module, pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted), states)
+        outs = fn(module, packed, states)
         assert runtime.launches["persistent_fwd"] > before, "our kernel did not run"
         sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
         results.append(outs + [xi.grad] + [s.grad for s in states] + [p.grad for p in module.parameters()])
-    for got, want in zip(results[1], results[0]):
+    for got, want in zip(*results):
         assert got.shape == want.shape and rel_err(got, want) < 1e-6
 
 
-def _ours(module, packed, states):
-    y, h = module(packed, (tuple(states) if len(states) == 2 else states[0]) if states else None)
-    return [y.data] + (list(h) if isinstance(h, tuple) else [h])
+def test_packed_lengths_op():
+    batch_sizes = torch.tensor([3, 3, 2, 1])
+    assert packing.packed_lengths(batch_sizes).tolist() == [4, 3, 2]
+    torch.library.opcheck(packing.packed_lengths, (batch_sizes,))
 
 
 def test_jit_trace_warns_nothing_from_our_code():
