@@ -19,9 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The committed sm_90 compile table and static per-step cost table (made by other commands, ~30 min).
-STATIC_README = os.path.join("reports", "static", "README.md")
+#: The committed sm_90 compile table and static per-step cost table (made by other commands, ~30 min),
+#: linked from a report as the reports do, from beside it (reports/<gpu>/REPORT.md).
+STATIC_README = "reports/static/README.md"
 CPU_LABEL = "CPU, Triton interpreter: timings are not GPU performance"
 CPU_NOTE = ("**CPU, Triton interpreter: timings are not GPU performance.** The Triton kernels ran through "
             "Triton's interpreter on the CPU and torch.nn ran its CPU implementation: the accuracy below is "
@@ -315,10 +315,9 @@ def write_report(results_path, out):
     if skipped:
         lines += ["", "## Not measured", "", "| provider | why |", "|---|---|"]
         lines += [f"| {p} | {why} |" for p, why in skipped]
-    static = os.path.relpath(os.path.join(ROOT, STATIC_README), os.path.abspath(out))
     lines += ["", "## The kernels compiled for sm_90, and their static per-step cost", "",
-              f"Not made by this job: [{STATIC_README}]({static}) holds the committed sm_90 (H100/H200) "
-              "compile table (registers, spills and shared memory of every kernel configuration the "
+              f"Not made by this job: [{STATIC_README}](../static/README.md) holds the committed sm_90 "
+              "(H100/H200) compile table (registers, spills and shared memory of every kernel configuration the "
               "dispatcher can choose, and why the sizes past each limit fail) and the static per-step cost "
               "table. Regenerating the compile table takes about 30 minutes on 2 cores (`python -m "
               "rnn_triton.compile_check`, every configuration compiled for sm_90); the static cost table is "

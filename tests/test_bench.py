@@ -72,7 +72,7 @@ def test_report_on_the_committed_cpu_sample(tmp_path):
     for gpu_only in ("TFLOP/s", "% peak", "vs torch.nn", "peak MB"):
         assert gpu_only not in header
     assert text.split("## Accuracy")[1].split("\n## ")[0].count("\n| ") - 1 == len(accuracy)
-    assert "[reports/static/README.md](" in text
+    assert "[reports/static/README.md](../static/README.md)" in text
 
 
 def test_report_on_gpu_rows(tmp_path):
