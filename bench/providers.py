@@ -31,6 +31,15 @@ def make_reference(cell, input_size, hidden_size, num_layers, bidirectional, dev
                   **extra).to(device, dtype)
 
 
+def ours_from(ref, device, dtype):
+    """rnn_triton's module of ``ref``'s kind and shape, holding ``ref``'s weights, on ``device`` in ``dtype``."""
+    ours_cls, _, _, extra = CELLS[ref.mode]
+    ours = ours_cls(ref.input_size, ref.hidden_size, num_layers=ref.num_layers, bidirectional=ref.bidirectional,
+                    **extra)
+    ours.load_state_dict(ref.state_dict())
+    return ours.to(device, dtype)
+
+
 class CellLoop(torch.nn.Module):
     """What people write without a fused kernel: a Python loop over T steps of torch.nn.*Cell."""
 
@@ -58,10 +67,7 @@ def build(provider, ref, x, on_gpu):
     if provider == "torch.nn":
         return lambda inp: ref(inp)[0]
     if provider == "rnn_triton":
-        ours_cls = CELLS[ref.mode][0]
-        ours = ours_cls(ref.input_size, ref.hidden_size, num_layers=ref.num_layers,
-                        bidirectional=ref.bidirectional, **CELLS[ref.mode][3]).to(x.device, x.dtype)
-        ours.load_state_dict(ref.state_dict())
+        ours = ours_from(ref, x.device, x.dtype)
         plan = ours.kernel_plan(x)
         if not plan.uses_triton:
             raise Unavailable(plan.reason)

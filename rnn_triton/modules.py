@@ -8,9 +8,9 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
-from . import dispatch, runtime
+from . import dispatch, packing, runtime
 from .ops import recurrent_directions
 
 
@@ -57,12 +57,23 @@ class _TritonRecurrent:
         if self._invalid_input(data, None) or (packed and data.dim() != 2):
             return dispatch.Plan(None, "input does not match the module (rank, dtype or device): torch.nn raises")
         dtype = self._autocast_dtype(data) or data.dtype
-        if packed:
-            batch = int(input.batch_sizes[0])
+        if packed and input.sorted_indices is not None:
+            batch = input.sorted_indices.shape[0]
+        elif packed:
+            # Under torch.compile batch_sizes[0] is a value, not a shape (.item(): a graph break); the
+            # packed rows bound it, and the batch only sizes the cooperative kernels' batch groups.
+            batch = data.shape[0] if torch.compiler.is_compiling() else int(input.batch_sizes[0])
         else:
             batch = input.shape[0 if self.batch_first else 1] if input.dim() == 3 else 1
-        return dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
+        plan = dispatch.choose(self.mode, self.hidden_size, dtype, data.device, batch, packed=packed,
                                directions=2 if self.bidirectional else 1)
+        if plan.uses_triton and data.device.type == "cpu" and not runtime.interpreter_ready():
+            raise RuntimeError(
+                "rnn_triton: TRITON_INTERPRET=1 was set after triton was imported (importing rnn_triton "
+                "imports it), so the Triton kernels were built for a GPU and cannot run on the CPU. Set it "
+                "before the first import of triton or rnn_triton: run `TRITON_INTERPRET=1 python ...`, or "
+                "put `os.environ[\"TRITON_INTERPRET\"] = \"1\"` at the top of the script.")
+        return plan
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -82,7 +93,8 @@ class _TritonRecurrent:
             input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
-        if input.shape[0 if not self.batch_first else 1] == 0:
+        # Not while tracing: jit.trace turns the size into a tensor and warns at its use as a bool.
+        if not torch.jit.is_tracing() and input.shape[0 if not self.batch_first else 1] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         # torch.nn's own shape checks, with its messages and exception types.
         if hx is None:
@@ -114,7 +126,8 @@ class _TritonRecurrent:
         """A PackedSequence in and out, as torch.nn. The sequences run padded to the longest, each row
         stopping at its own length inside the kernel (y is zero past it, h_n is its last state, the
         reverse direction starts from its own last element), in the batch's original order; the output
-        is packed with the input's batch sizes and indices."""
+        is packed with the input's batch sizes and indices. Tensor ops only (``packing``): torch.compile
+        traces it without a graph break."""
         data = input.data
         if self._invalid_input(data, hx) or data.dim() != 2:
             return super().forward(input, hx)
@@ -125,10 +138,15 @@ class _TritonRecurrent:
         if hx is not None:
             _check_state_dtypes(hx, is_lstm, data, self._autocast_dtype(data) is not None)
             _check_state_ranks(hx, True, is_lstm)
-        # torch.nn's own checks, with its messages and exception types.
-        self.check_forward_args(data, hx, input.batch_sizes) if hx is not None else \
-            self.check_input(data, input.batch_sizes)
-        x, lengths = pad_packed_sequence(input)  # [T, B, I] and lengths, both in the original order
+        t, row, lengths = packing.steps_and_rows(input)
+        self.check_input(data, input.batch_sizes)
+        x = packing.padded(input, t, row, lengths.shape[0])  # [T, B, I], the batch's original order
+        if hx is not None:
+            if torch.compiler.is_compiling():  # B is data there: what the check below compares it with
+                for h in (hx if is_lstm else (hx,)):
+                    torch._check(h.shape[1] == x.shape[1], lambda: "hx's batch size is not the input's")
+            # torch.nn's own check of the states' sizes (its messages), on the padded input
+            self.check_forward_args(x, hx, None)
         cast = self._autocast_dtype(data)
         if cast is not None:
             x = x.to(cast)
@@ -137,11 +155,7 @@ class _TritonRecurrent:
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             y, hn, cn = self._layers(x, hx, plan.config, cast, False,
                                      lengths.to(device=x.device, dtype=torch.int32))
-        order = input.sorted_indices
-        if order is not None:  # pack in the input's order (ties in length stay where they were)
-            y, lengths = y.index_select(1, order), lengths[order.cpu()]
-        out = PackedSequence(pack_padded_sequence(y, lengths).data, input.batch_sizes, input.sorted_indices,
-                             input.unsorted_indices)
+        out = PackedSequence(y[t, row], input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         return (out, (hn, cn)) if is_lstm else (out, hn)
 
     def _layers(self, x, hx, config, cast, batch_first, lengths=None):

@@ -14,3 +14,14 @@ def interpreting() -> bool:
 def strict() -> bool:
     """True when RNN_TRITON_STRICT=1: a fallback to torch raises instead of running silently."""
     return os.environ.get("RNN_TRITON_STRICT", "0") not in ("", "0")
+
+
+def interpreter_ready() -> bool:
+    """False when TRITON_INTERPRET=1 was set only after triton was imported (rnn_triton imports it):
+    ``@triton.jit`` decides at decoration whether a function runs in the interpreter, so triton's own
+    functions and ours were then built for a GPU, and no kernel can run on the CPU."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import cells
+    return all(isinstance(f, InterpretedFunction) for f in (tl.standard.sigmoid, cells._sigmoid))
