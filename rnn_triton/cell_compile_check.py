@@ -44,6 +44,7 @@ class StepResult:
     mma_layouts: list = field(default_factory=list)
     sass: dict = field(default_factory=dict)
     cached: bool = False
+    analysis: str = ""
 
     @property
     def ok(self) -> bool:

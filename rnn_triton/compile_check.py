@@ -67,6 +67,7 @@ class Result:
     mma_layouts: list = field(default_factory=list)     # TTGIR MMA encodings, e.g. "v2 [8, 1]"
     sass: dict = field(default_factory=dict)            # sass.analyze's loops
     cached: bool = False                                # taken from an earlier build of the same key
+    analysis: str = ""                                  # sass.VERSION of the analysis in ``sass``
 
     @property
     def ok(self) -> bool:
@@ -152,7 +153,7 @@ def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, 
     known = _builds().get(res.key) if cached else None
     if known is not None and known.get("analysis") == sass.VERSION:
         _fill(res, known)
-        res.cached = True
+        res.cached, res.analysis = True, known["analysis"]
         return res
     local = LOCAL_DIR / res.key
     if cached and local.with_suffix(".cubin").exists():  # compiled before: read the SASS again
@@ -177,6 +178,7 @@ def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, 
     except Exception as exc:  # keep the compile's results; the analysis' failure shows in the table
         analysis = {"error": f"{type(exc).__name__}: {exc}"}
     _fill(res, dict(facts, mma_layouts=mma_layouts(ttgir), sass=analysis))
+    res.analysis = sass.VERSION  # of the code that analysed it (a worker's import, not the parent's)
     return res
 
 
@@ -241,11 +243,10 @@ def _builds() -> dict:
 
 def write_builds(results, path=BUILDS_FILE) -> None:
     """Save the results of a run as the committed build results (one line per build key)."""
-    from . import sass
     entries = {}
     for r in results:
         if r.key and not r.error:
-            entries[r.key] = {"key": r.key, "analysis": sass.VERSION, "kernel": r.kernel, "cell": r.cell,
+            entries[r.key] = {"key": r.key, "analysis": r.analysis, "kernel": r.kernel, "cell": r.cell,
                               "dtype": r.dtype, "block_h": r.block_h, "num_warps": r.num_warps, "aligned": r.aligned,
                               "precision": r.precision, "registers": r.registers, "spill_bytes": r.spill_bytes,
                               "shared_bytes": r.shared_bytes, "tensor_cores": r.tensor_cores,
