@@ -260,12 +260,21 @@ def verify(configs, count: int, compile_fn, seed=None) -> list:
     results, as strings (empty: the cache holds what the compiler gives)."""
     picked = random.Random(seed).sample(configs, min(count, len(configs)))
     diffs = []
-    for config in picked:
-        cached, fresh = compile_fn(*config), compile_fn(*config, cached=False)
-        for name in ("registers", "spill_bytes", "shared_bytes", "tensor_cores", "mma_layouts", "sass"):
-            if getattr(cached, name) != getattr(fresh, name):
-                diffs.append(f"{config[:4]}: {name} cached {str(getattr(cached, name))[:80]} "
-                             f"!= compiled {str(getattr(fresh, name))[:80]}")
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as fresh_cache:
+        os.environ["TRITON_CACHE_DIR"] = fresh_cache  # a real compile, not Triton's own cached one
+        try:
+            for config in picked:
+                cached, fresh = compile_fn(*config), compile_fn(*config, cached=False)
+                for name in ("registers", "spill_bytes", "shared_bytes", "tensor_cores", "mma_layouts", "sass"):
+                    if getattr(cached, name) != getattr(fresh, name):
+                        diffs.append(f"{config[:4]}: {name} cached {str(getattr(cached, name))[:80]} "
+                                     f"!= compiled {str(getattr(fresh, name))[:80]}")
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR")
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
     return diffs
 
 
