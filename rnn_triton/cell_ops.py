@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, runtime
+from . import dispatch, reference, runtime
 from .dispatch import CELLS
 from .kernels.cell_step import cell_step_bwd_kernel, cell_step_fwd_kernel
-from .ops import _acc_torch_dtype, _no_double_backward, _precision, _setup_nothing, triton_cdiv
+from .ops import _acc_torch_dtype, _not_differentiable, _precision, _setup_nothing, triton_cdiv
 
 _CELL_BY_ID = {cell.kernel_id: cell for cell in CELLS.values()}
 _LSTM = CELLS["LSTM"].kernel_id
@@ -245,35 +245,50 @@ def _setup_context(ctx, inputs, output):
     ctx.unsaved = not save
     if not save:
         return
-    ctx.save_for_backward(x, w_ih, w_hh, hx, cx, saved, cs)
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, hx, cx, saved, cs)  # the biases: for create_graph
     ctx.cell_id = cell_id
-    ctx.has_bias = b_ih is not None
     block_b, _, _, _, bwd_block_n, bwd_block_u, bwd_num_warps, _ = config
     ctx.bwd_config = (block_b, bwd_block_n, bwd_block_u, bwd_num_warps)
 
 
 def _backward(ctx, dhy, dcy, _dsaved, _dcs):
+    """The backward kernel (``cell_bwd``). Under ``create_graph=True`` (grad mode on here) the gradients
+    keep its values and take the autograd graph of torch's recomputation of the step
+    (``reference.step``), so that they can be differentiated again."""
     if ctx.unsaved:
         raise RuntimeError("rnn_triton: backward through a cell step that ran without saving for backward")
-    x, w_ih, w_hh, hx, cx, saved, cs = ctx.saved_tensors
+    x, w_ih, w_hh, b_ih, b_hh, hx, cx, saved, cs = ctx.saved_tensors
     B, H = x.shape[0], w_hh.shape[1]
+    is_lstm = ctx.cell_id == _LSTM
     dhy = x.new_zeros(B, H) if dhy is None else dhy
-    dcy = (x.new_zeros(B, H) if dcy is None else dcy) if ctx.cell_id == _LSTM else dhy  # unread otherwise
+    dcy = (x.new_zeros(B, H) if dcy is None else dcy) if is_lstm else dhy  # unread otherwise
     needs = ctx.needs_input_grad
     need_weights = any(needs[1:5])
     need_state = needs[5] or needs[6]
-    dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = cell_bwd(
-        dhy, dcy, x, w_ih, w_hh, hx, cx, saved, cs, ctx.cell_id, ctx.has_bias, needs[0], need_state,
-        need_weights, *ctx.bwd_config)
-    keep = lambda t, need: t if need else None  # noqa: E731
-    return (keep(dx, needs[0]), keep(dw_ih, needs[1]), keep(dw_hh, needs[2]), keep(db_ih, needs[3]),
-            keep(db_hh, needs[4]), keep(dhx, needs[5]), keep(dcx, needs[6])) + (None,) * (2 + _NUM_CONFIG_ARGS)
+    with torch.no_grad():  # the values: the kernel; under create_graph their graph comes from below
+        dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = cell_bwd(
+            dhy, dcy, x, w_ih, w_hh, hx, cx, saved, cs, ctx.cell_id, b_ih is not None, needs[0], need_state,
+            need_weights, *ctx.bwd_config)
+    grads = [t if need else None for t, need in zip((dx, dw_ih, dw_hh, db_ih, db_hh, dhx, dcx), needs)]
+    if torch.is_grad_enabled():
+        inputs = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
+        grads = reference.kernel_values_with_graph(grads, lambda: _recompute(ctx.cell_id, *inputs), inputs,
+                                                   (dhy, dcy if is_lstm else None))
+    return tuple(grads) + (None,) * (2 + _NUM_CONFIG_ARGS)
+
+
+def _recompute(cell_id, x, w_ih, w_hh, b_ih, b_hh, hx, cx):
+    """``cell_fwd``'s (hy, cy) in torch ops (``reference.step``)."""
+    h = hx if hx is not None else x.new_zeros(x.shape[0], w_hh.shape[1])
+    c = (cx if cx is not None else torch.zeros_like(h)) if cell_id == _LSTM else None
+    F = torch.nn.functional
+    return reference.step(cell_id, F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h, c)
 
 
 cell_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-cell_bwd.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+cell_bwd.register_autograd(_not_differentiable, setup_context=_setup_nothing)
 
 
 def cell_step(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
