@@ -272,7 +272,7 @@ def _backward(ctx, dhy, dcy, _dsaved, _dcs):
     grads = [t if need else None for t, need in zip((dx, dw_ih, dw_hh, db_ih, db_hh, dhx, dcx), needs)]
     if torch.is_grad_enabled():
         inputs = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
-        grads = reference.kernel_values_with_graph(grads, lambda: _recompute(ctx.cell_id, *inputs), inputs,
+        grads = reference.kernel_values_with_graph(grads, lambda *xs: _recompute(ctx.cell_id, *xs), inputs,
                                                    (dhy, dcy if is_lstm else None))
     return tuple(grads) + (None,) * (2 + _NUM_CONFIG_ARGS)
 

@@ -440,7 +440,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
              dc0 if c0 is not None else None]
     if torch.is_grad_enabled():
         inputs = (xp, w_hh, b_hn, h0, c0)
-        recompute = lambda: reference.recurrence(cell_id, *inputs, lengths, reverse, batch_first)  # noqa: E731
+        recompute = lambda *xs: reference.recurrence(cell_id, *xs, lengths, reverse, batch_first)  # noqa: E731
         grads = reference.kernel_values_with_graph(grads, recompute, inputs,
                                                    (dy, dhn, dcn if cell_id == _LSTM else None))
     return tuple(grads) + (None,) * 12

@@ -99,20 +99,25 @@ class _KernelValues(torch.autograd.Function):
         return None, grad
 
 
-def kernel_values_with_graph(grads: Sequence[Optional[Tensor]], recompute: Callable[[], Sequence[Optional[Tensor]]],
+def kernel_values_with_graph(grads: Sequence[Optional[Tensor]], recompute: Callable[..., Sequence[Optional[Tensor]]],
                              inputs: Sequence[Optional[Tensor]], grad_outputs: Sequence[Optional[Tensor]]):
-    """The kernels' first-order gradients ``grads`` (of the op's outputs, weighted by ``grad_outputs``,
-    w.r.t. ``inputs``; None where not asked for), made differentiable for a ``create_graph=True``
+    """The kernels' first-order gradients ``grads`` (of an op's outputs, weighted by ``grad_outputs``,
+    w.r.t. its ``inputs``; None where not asked for), made differentiable for a ``create_graph=True``
     backward: each keeps its values and takes the autograd graph of the same gradient through
-    ``recompute()`` (the op's outputs from ``inputs`` in torch ops), so that the gradient of a gradient
-    is autograd's exact second derivative of the recomputation."""
+    ``recompute(*inputs)`` (the op's outputs in torch ops), so that the gradient of a gradient is
+    autograd's exact second derivative of the recomputation."""
     wanted = [i for i, (g, t) in enumerate(zip(grads, inputs))
               if g is not None and t is not None and t.requires_grad]
     if not wanted:
         return list(grads)
-    outputs = recompute()
+    # The op's partial derivatives, not total ones: recompute from fresh aliases of the inputs, so that
+    # autograd.grad stops at them. (From the inputs themselves it would also follow paths that run
+    # from one input back to another: a cell's state is the last step's output, which depends on the
+    # same weights; and a tensor passed twice, as x and as h, would get the sum of both gradients.)
+    aliases = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+    outputs = recompute(*aliases)
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
-    recomputed = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+    recomputed = torch.autograd.grad([o for o, _ in pairs], [aliases[i] for i in wanted], [g for _, g in pairs],
                                      create_graph=True, allow_unused=True)
     grads = list(grads)
     for i, r in zip(wanted, recomputed):
