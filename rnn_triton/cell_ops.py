@@ -76,8 +76,6 @@ def choose(cell: str, input_size: int, hidden_size: int, dtype: torch.dtype, dev
         return dispatch.Plan(None, "float64 runs through the Triton kernels only in the interpreter")
     if dtype not in STEP_CONFIGS:
         return dispatch.Plan(None, f"dtype {dtype} is not supported (float16, bfloat16, float32)")
-    if input_size <= 0 or hidden_size <= 0:
-        return dispatch.Plan(None, f"input_size={input_size}, hidden_size={hidden_size}: both must be > 0")
     if cell not in CELLS:
         return dispatch.Plan(None, f"unknown cell {cell!r}")
     return dispatch.Plan(STEP_CONFIGS[dtype])
@@ -119,7 +117,7 @@ def cell_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh
     cy = x.new_empty(B, H) if cell_id == _LSTM else x.new_empty(0)
     saved = x.new_empty(B, cell.num_saved * H, dtype=acc) if save else x.new_empty(0, dtype=acc)
     cs = x.new_empty(B, H, dtype=acc) if save and cell_id == _LSTM else x.new_empty(0, dtype=acc)
-    if B == 0:
+    if B == 0 or H == 0:  # nothing to compute (I == 0 is a projection of zeros: the kernel's K loop is empty)
         return hy, cy, saved, cs
     if x.stride(-1) != 1:  # the kernel reads features at unit stride
         x = x.contiguous()
@@ -185,7 +183,7 @@ def cell_bwd(dhy: Tensor, dcy: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hx
     dcx = x.new_empty(B, H) if need_state and cell_id == _LSTM else x.new_empty(0)
     dgates = x.new_empty(B, G * H)
     dq = x.new_empty(B, H) if cell_id == _GRU else x.new_empty(0)
-    if B > 0:
+    if B > 0 and H > 0:
         if x.stride(-1) != 1:
             x = x.contiguous()
         dot_dtype, acc_dtype, precision = _step_precision(x.dtype, x.device)
@@ -205,9 +203,9 @@ def cell_bwd(dhy: Tensor, dcy: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hx
             PRECISION=precision, num_warps=num_warps, num_stages=1,
         )
         runtime.launches["cell_bwd"] += 1
-    else:
-        dgates.zero_()
-        dq.zero_()
+    else:  # no rows or no units: every gradient is zero (or empty)
+        for t in (dx, dhx, dcx, dgates, dq):
+            t.zero_()
     dw_ih, dw_hh, db_ih, db_hh = (x.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
     if need_weights:
         # dr: the gradient of the recurrent projection h @ W_hh^T + b_hh, gate by gate.
