@@ -66,7 +66,8 @@ STEP_CONFIGS[torch.float64] = STEP_CONFIGS[torch.float32]  # the interpreter onl
 
 
 def choose(cell: str, input_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> dispatch.Plan:
-    """The single-step kernels' plan for a cell, or the reason they do not serve it."""
+    """The single-step kernels' plan for a cell, or the reason they do not serve it. Every size is
+    served, 0 too (``cell_fwd`` then launches nothing where there is nothing to compute)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return dispatch.Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")

@@ -46,7 +46,8 @@ class _TritonCell:
         return cast if cast is not None and t.dtype in _CASTABLE else t.dtype
 
     def kernel_plan(self, input) -> dispatch.Plan:
-        """The kernel this cell would run for ``input``, or the reason it would fall back to torch."""
+        """The kernel this cell would run for ``input``, or the reason it would fall back to torch;
+        ``.second_order`` says what a create_graph=True backward runs."""
         if not isinstance(input, torch.Tensor):
             return dispatch.Plan(None, f"input is a {type(input).__name__}, not a Tensor: torch.nn raises")
         if input.dim() not in (1, 2):

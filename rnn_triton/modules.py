@@ -44,7 +44,7 @@ class _TritonRecurrent:
 
     def kernel_plan(self, input) -> dispatch.Plan:
         """The kernel this module would run for ``input`` (a tensor or a PackedSequence), or the reason
-        it would fall back to torch."""
+        it would fall back to torch; ``.second_order`` says what a create_graph=True backward runs."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         if self._invalid_input(data) or (packed and data.dim() != 2):

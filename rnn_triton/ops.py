@@ -9,7 +9,9 @@
 
 ``rnn_triton::recurrent_fwd`` / ``rnn_triton::recurrent_bwd`` are registered with ``torch.library``
 (so ``torch.compile`` sees them as opaque ops, not graph breaks). The backward launches the reverse
-loop once, which writes dLoss/dxp for every step; dW_hh is then one GEMM over all steps.
+loop once, which writes dLoss/dxp for every step; dW_hh is then one GEMM over all steps. Under
+``create_graph=True`` those gradients also take the autograd graph of torch's recomputation of the
+layer (``reference.recurrence``), so that a gradient of a gradient is exact (see ``_backward``).
 """
 from contextlib import nullcontext
 from typing import Optional

@@ -237,3 +237,11 @@ def test_cells_against_torch(cell, seed):
     assert runtime.launches["cell_bwd"] >= before.get("cell_bwd", 0) + 3
     for i, (got, want) in enumerate(zip(*results)):
         assert rel_err(got, want) < BOUND, f"gradient {i}: rel err {rel_err(got, want):.1e} (seed {seed})"
+
+
+def test_kernel_plan_says_what_runs_for_second_order():
+    for module, x in ((_make("GRU", 3, 4), torch.randn(2, 3, 3)), (CELL_MODULES["LSTM"][0](3, 4), torch.randn(2, 3))):
+        plan = module.kernel_plan(x)
+        assert plan.uses_triton and "rnn_triton.reference" in plan.second_order
+    refused = _make("LSTM", 3, 128).kernel_plan(torch.randn(2, 3, 3))
+    assert not refused.uses_triton and "torch.nn's own" in refused.second_order
