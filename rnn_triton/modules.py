@@ -37,7 +37,7 @@ class _TritonRecurrent:
     def _invalid_input(self, input) -> bool:
         """Input torch.nn's forward rejects: it raises the right error, so let it."""
         if not isinstance(input, torch.Tensor):
-            return False
+            return True
         weight = self.weight_hh_l0
         return input.dim() not in (2, 3) or input.device != weight.device or (
             input.dtype != weight.dtype and self._autocast_dtype(input) is None)

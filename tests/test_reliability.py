@@ -163,7 +163,7 @@ def test_zero_hidden_size_module_is_torchs_value_error(cell):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("bidirectional,batch_first", [(False, False), (True, True)])
-def test_zero_batch_module(cell, with_state, bidirectional, batch_first):
+def test_zero_batch_module(cell, with_state, bidirectional, batch_first, seed):
     """Batch 0: torch.nn's shapes and (zero, empty) gradients, create_graph too, and no kernel runs."""
     kwargs = dict(num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
     ours, ref = _pair(cell, **kwargs)
@@ -187,7 +187,7 @@ def test_zero_batch_module(cell, with_state, bidirectional, batch_first):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("I,H,B", [(10, 0, 3), (0, 4, 3), (3, 4, 0), (0, 0, 0)])
-def test_zero_sizes_cell(cell, I, H, B):
+def test_zero_sizes_cell(cell, I, H, B, seed):
     """Hidden size 0, input size 0, batch 0: torch.nn's outputs and gradients, in strict mode. Only
     input size 0 with rows and units has anything to compute (the biases and the state): the kernels
     run it; else nothing is launched."""

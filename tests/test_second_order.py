@@ -86,7 +86,7 @@ def _padded(T, B, I, batch_first=False):
 # 1. gradgradcheck: modules (input, states and every parameter) and cells. --------------------------
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradgradcheck_module(cell):
+def test_gradgradcheck_module(cell, seed):
     """T=3, B=2, H=4, I=3, with initial states. ``fast_mode`` (a random projection of the Jacobian of the
     gradient), which lets all 100-odd parameters be inputs within seconds; the exact comparisons with
     torch.nn below check every entry."""
@@ -101,13 +101,13 @@ def test_gradgradcheck_module(cell):
         return tuple(_outputs(cell, functional_call(module, dict(zip(names, ps)), (x, _hx(cell, list(sts))))))
 
     before = dict(runtime.launches)
-    assert torch.autograd.gradgradcheck(f, (x, *states, *params), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x, *states, *params), fast_mode=True), f"seed {seed}"
     _launched(before)
 
 
 @pytest.mark.parametrize("cell", CELL_MODULES)
 @pytest.mark.parametrize("with_state", [True, False])
-def test_gradgradcheck_cell(cell, with_state):
+def test_gradgradcheck_cell(cell, with_state, seed):
     """H=4, I=3: every entry for the input and the state of one batch row (parameters held), then
     ``fast_mode`` with two rows and every parameter as an input too."""
     ours_cls, _, extra = CELL_MODULES[cell]
@@ -125,8 +125,8 @@ def test_gradgradcheck_cell(cell, with_state):
         return tuple(out) if cell == "LSTM" else out
 
     before = dict(runtime.launches)
-    assert torch.autograd.gradgradcheck(f, tuple(row))
-    assert torch.autograd.gradgradcheck(f, (x, *states, *params), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, tuple(row)), f"seed {seed}"
+    assert torch.autograd.gradgradcheck(f, (x, *states, *params), fast_mode=True), f"seed {seed}"
     assert runtime.launches["cell_fwd"] > before.get("cell_fwd", 0)
     assert runtime.launches["cell_bwd"] > before.get("cell_bwd", 0)
 
@@ -245,3 +245,41 @@ def test_kernel_plan_says_what_runs_for_second_order():
         assert plan.uses_triton and "rnn_triton.reference" in plan.second_order
     refused = _make("LSTM", 3, 128).kernel_plan(torch.randn(2, 3, 3))
     assert not refused.uses_triton and "torch.nn's own" in refused.second_order
+
+
+def test_under_torch_compile(seed):
+    """A model compiled whole (fullgraph=True: our ops do not break the graph), then a gradient penalty
+    through it: the same second-order gradients as eager. (backend="eager": AOTAutograd's compiled
+    backward refuses any double backward, torch.nn's modules' too, so it is left out.)"""
+    torch._dynamo.reset()
+    module = _make("GRU", 3, 4, num_layers=2).double()
+    x = torch.randn(4, 2, 3, dtype=F64)
+    results = []
+    before = dict(runtime.launches)
+    for run in (torch.compile(module, fullgraph=True, backend="eager"), module):
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, h = run(xi)
+        (dx,) = torch.autograd.grad((y.sin().sum() + h.sum()), xi, create_graph=True)
+        dx.square().sum().backward()
+        results.append([p.grad.clone() for p in module.parameters()])
+    _launched(before)
+    for got, want in zip(*results):
+        assert rel_err(got, want) < BOUND, f"seed {seed}"
+
+
+def test_third_order(seed):
+    """Any order works (the recomputation is plain torch): a third derivative, against torch.nn's."""
+    ours = _make("LSTM", 3, 4).double()
+    x = torch.randn(3, 2, 3, dtype=F64)
+    results = []
+    before = dict(runtime.launches)
+    for module in (ours, twin(ours, torch.nn.LSTM)):
+        xi = x.clone().requires_grad_()
+        y, _ = module(xi)
+        (g,) = torch.autograd.grad(y.sin().sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), xi, create_graph=True)
+        results.append(torch.autograd.grad(gg.sum(), list(module.parameters())))
+    _launched(before)
+    for got, want in zip(*results):
+        assert rel_err(got, want) < BOUND, f"seed {seed}"
