@@ -8,6 +8,8 @@ and its backward is one launch of the backward kernel (the cell's derivative fro
 dx = dgates W_ih and dh = dr W_hh in the same kernel), after which the weight and bias gradients are
 torch GEMMs and sums on the host: dW_ih = dgates^T x, dW_hh = dr^T h, db_ih = sum dgates, db_hh = sum dr
 (dr: dgates, except GRU's n-slot, whose recurrent part r * (W_hn h + b_hn) has the gradient dn * r).
+Under ``create_graph=True`` those gradients also take the autograd graph of torch's recomputation of
+the step (``reference.step``), so that a gradient of a gradient is exact (see ``_backward``).
 
 ``rnn_triton::cell_fwd`` / ``rnn_triton::cell_bwd`` are ``torch.library`` custom ops with fake
 implementations, so ``torch.compile`` keeps them whole. Conventions as in ``ops``: fp32 accumulation

@@ -79,8 +79,14 @@ def _second_order(cell, ours, make_input, states, seed, call=lambda module, x, h
 
 
 def _padded(T, B, I, batch_first=False):
+    """``make_input`` for a random padded batch: the leaf is what the module takes."""
     x = torch.randn(*((B, T) if batch_first else (T, B)), I, dtype=F64)
-    return lambda: (lambda t: (t, t))(x.clone().requires_grad_())
+
+    def make_input():
+        leaf = x.clone().requires_grad_()
+        return leaf, leaf
+
+    return make_input
 
 
 # 1. gradgradcheck: modules (input, states and every parameter) and cells. --------------------------
