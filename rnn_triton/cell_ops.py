@@ -8,6 +8,8 @@ and its backward is one launch of the backward kernel (the cell's derivative fro
 dx = dgates W_ih and dh = dr W_hh in the same kernel), after which the weight and bias gradients are
 torch GEMMs and sums on the host: dW_ih = dgates^T x, dW_hh = dr^T h, db_ih = sum dgates, db_hh = sum dr
 (dr: dgates, except GRU's n-slot, whose recurrent part r * (W_hn h + b_hn) has the gradient dn * r).
+Under ``create_graph=True`` those gradients also take the autograd graph of torch's recomputation of
+the step (``reference.step``), so that a gradient of a gradient is exact (see ``_backward``).
 
 ``rnn_triton::cell_fwd`` / ``rnn_triton::cell_bwd`` are ``torch.library`` custom ops with fake
 implementations, so ``torch.compile`` keeps them whole. Conventions as in ``ops``: fp32 accumulation
@@ -20,10 +22,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, runtime
+from . import dispatch, reference, runtime
 from .dispatch import CELLS
 from .kernels.cell_step import cell_step_bwd_kernel, cell_step_fwd_kernel
-from .ops import _acc_torch_dtype, _no_double_backward, _precision, _setup_nothing, triton_cdiv
+from .ops import _acc_torch_dtype, _not_differentiable, _precision, _setup_nothing, triton_cdiv
 
 _CELL_BY_ID = {cell.kernel_id: cell for cell in CELLS.values()}
 _LSTM = CELLS["LSTM"].kernel_id
@@ -66,7 +68,8 @@ STEP_CONFIGS[torch.float64] = STEP_CONFIGS[torch.float32]  # the interpreter onl
 
 
 def choose(cell: str, input_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> dispatch.Plan:
-    """The single-step kernels' plan for a cell, or the reason they do not serve it."""
+    """The single-step kernels' plan for a cell, or the reason they do not serve it. Every size is
+    served, 0 too (``cell_fwd`` then launches nothing where there is nothing to compute)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return dispatch.Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -76,8 +79,6 @@ def choose(cell: str, input_size: int, hidden_size: int, dtype: torch.dtype, dev
         return dispatch.Plan(None, "float64 runs through the Triton kernels only in the interpreter")
     if dtype not in STEP_CONFIGS:
         return dispatch.Plan(None, f"dtype {dtype} is not supported (float16, bfloat16, float32)")
-    if input_size <= 0 or hidden_size <= 0:
-        return dispatch.Plan(None, f"input_size={input_size}, hidden_size={hidden_size}: both must be > 0")
     if cell not in CELLS:
         return dispatch.Plan(None, f"unknown cell {cell!r}")
     return dispatch.Plan(STEP_CONFIGS[dtype])
@@ -119,7 +120,7 @@ def cell_fwd(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh
     cy = x.new_empty(B, H) if cell_id == _LSTM else x.new_empty(0)
     saved = x.new_empty(B, cell.num_saved * H, dtype=acc) if save else x.new_empty(0, dtype=acc)
     cs = x.new_empty(B, H, dtype=acc) if save and cell_id == _LSTM else x.new_empty(0, dtype=acc)
-    if B == 0:
+    if B == 0 or H == 0:  # nothing to compute (I == 0 is a projection of zeros: the kernel's K loop is empty)
         return hy, cy, saved, cs
     if x.stride(-1) != 1:  # the kernel reads features at unit stride
         x = x.contiguous()
@@ -185,7 +186,7 @@ def cell_bwd(dhy: Tensor, dcy: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hx
     dcx = x.new_empty(B, H) if need_state and cell_id == _LSTM else x.new_empty(0)
     dgates = x.new_empty(B, G * H)
     dq = x.new_empty(B, H) if cell_id == _GRU else x.new_empty(0)
-    if B > 0:
+    if B > 0 and H > 0:
         if x.stride(-1) != 1:
             x = x.contiguous()
         dot_dtype, acc_dtype, precision = _step_precision(x.dtype, x.device)
@@ -205,9 +206,9 @@ def cell_bwd(dhy: Tensor, dcy: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, hx
             PRECISION=precision, num_warps=num_warps, num_stages=1,
         )
         runtime.launches["cell_bwd"] += 1
-    else:
-        dgates.zero_()
-        dq.zero_()
+    else:  # no rows or no units: every gradient is zero (or empty)
+        for t in (dx, dhx, dcx, dgates, dq):
+            t.zero_()
     dw_ih, dw_hh, db_ih, db_hh = (x.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
     if need_weights:
         # dr: the gradient of the recurrent projection h @ W_hh^T + b_hh, gate by gate.
@@ -245,35 +246,50 @@ def _setup_context(ctx, inputs, output):
     ctx.unsaved = not save
     if not save:
         return
-    ctx.save_for_backward(x, w_ih, w_hh, hx, cx, saved, cs)
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, hx, cx, saved, cs)  # the biases: for create_graph
     ctx.cell_id = cell_id
-    ctx.has_bias = b_ih is not None
     block_b, _, _, _, bwd_block_n, bwd_block_u, bwd_num_warps, _ = config
     ctx.bwd_config = (block_b, bwd_block_n, bwd_block_u, bwd_num_warps)
 
 
 def _backward(ctx, dhy, dcy, _dsaved, _dcs):
+    """The backward kernel (``cell_bwd``). Under ``create_graph=True`` (grad mode on here) the gradients
+    keep its values and take the autograd graph of torch's recomputation of the step
+    (``reference.step``), so that they can be differentiated again."""
     if ctx.unsaved:
         raise RuntimeError("rnn_triton: backward through a cell step that ran without saving for backward")
-    x, w_ih, w_hh, hx, cx, saved, cs = ctx.saved_tensors
+    x, w_ih, w_hh, b_ih, b_hh, hx, cx, saved, cs = ctx.saved_tensors
     B, H = x.shape[0], w_hh.shape[1]
+    is_lstm = ctx.cell_id == _LSTM
     dhy = x.new_zeros(B, H) if dhy is None else dhy
-    dcy = (x.new_zeros(B, H) if dcy is None else dcy) if ctx.cell_id == _LSTM else dhy  # unread otherwise
+    dcy = (x.new_zeros(B, H) if dcy is None else dcy) if is_lstm else dhy  # unread otherwise
     needs = ctx.needs_input_grad
     need_weights = any(needs[1:5])
     need_state = needs[5] or needs[6]
-    dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = cell_bwd(
-        dhy, dcy, x, w_ih, w_hh, hx, cx, saved, cs, ctx.cell_id, ctx.has_bias, needs[0], need_state,
-        need_weights, *ctx.bwd_config)
-    keep = lambda t, need: t if need else None  # noqa: E731
-    return (keep(dx, needs[0]), keep(dw_ih, needs[1]), keep(dw_hh, needs[2]), keep(db_ih, needs[3]),
-            keep(db_hh, needs[4]), keep(dhx, needs[5]), keep(dcx, needs[6])) + (None,) * (2 + _NUM_CONFIG_ARGS)
+    with torch.no_grad():  # the values: the kernel; under create_graph their graph comes from below
+        dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = cell_bwd(
+            dhy, dcy, x, w_ih, w_hh, hx, cx, saved, cs, ctx.cell_id, b_ih is not None, needs[0], need_state,
+            need_weights, *ctx.bwd_config)
+    grads = [t if need else None for t, need in zip((dx, dw_ih, dw_hh, db_ih, db_hh, dhx, dcx), needs)]
+    if torch.is_grad_enabled():
+        inputs = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
+        grads = reference.kernel_values_with_graph(grads, lambda *xs: _recompute(ctx.cell_id, *xs), inputs,
+                                                   (dhy, dcy if is_lstm else None))
+    return tuple(grads) + (None,) * (2 + _NUM_CONFIG_ARGS)
+
+
+def _recompute(cell_id, x, w_ih, w_hh, b_ih, b_hh, hx, cx):
+    """``cell_fwd``'s (hy, cy) in torch ops (``reference.step``)."""
+    h = hx if hx is not None else x.new_zeros(x.shape[0], w_hh.shape[1])
+    c = (cx if cx is not None else torch.zeros_like(h)) if cell_id == _LSTM else None
+    F = torch.nn.functional
+    return reference.step(cell_id, F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h, c)
 
 
 cell_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-cell_bwd.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+cell_bwd.register_autograd(_not_differentiable, setup_context=_setup_nothing)
 
 
 def cell_step(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],

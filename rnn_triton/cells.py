@@ -5,7 +5,8 @@ input checks (1-D unbatched input, hx omitted = zeros). ``forward`` runs ``cell_
 GEMMs x @ W_ih^T and h @ W_hh^T and the cell math in one launch, the backward in one more (made for
 autoregressive decoding, where each step's input is the last step's output).
 
-Input torch.nn rejects goes to torch.nn's forward, which raises its own error. Input the kernels do not
+Input torch.nn rejects goes to torch.nn's forward, which raises its own error (before any refusal of
+ours), except an ``hx`` of the wrong type: a TypeError naming the type expected. Input the kernels do not
 serve (see ``kernel_plan`` and ``_call_plan``) runs torch.nn's forward too, or, under
 ``RNN_TRITON_STRICT=1``, raises ``NotImplementedError`` with the reason.
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from . import cell_ops, dispatch, runtime
+from .modules import check_state_type
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,7 +46,8 @@ class _TritonCell:
         return cast if cast is not None and t.dtype in _CASTABLE else t.dtype
 
     def kernel_plan(self, input) -> dispatch.Plan:
-        """The kernel this cell would run for ``input``, or the reason it would fall back to torch."""
+        """The kernel this cell would run for ``input``, or the reason it would fall back to torch;
+        ``.second_order`` says what a create_graph=True backward runs."""
         if not isinstance(input, torch.Tensor):
             return dispatch.Plan(None, f"input is a {type(input).__name__}, not a Tensor: torch.nn raises")
         if input.dim() not in (1, 2):
@@ -79,11 +82,7 @@ class _TritonCell:
 
     def _state_mismatch(self, input, hx):
         """Why ``hx`` is not a state the kernels take for ``input`` (or None)."""
-        states = hx if self._cell == "LSTM" else (hx,)
-        if self._cell == "LSTM" and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            return "hx must be a pair (h, c) of Tensors"
-        if not all(isinstance(h, torch.Tensor) for h in states):
-            return "hx must be a Tensor (LSTM: a pair of Tensors)"
+        states = hx if self._cell == "LSTM" else (hx,)  # their types: checked in forward
         cast = self._autocast_dtype(input)
         dtype = self._compute_dtype(input, cast)
         want = input.shape[:-1] + (self.hidden_size,)
@@ -98,6 +97,7 @@ class _TritonCell:
         return None
 
     def forward(self, input, hx=None):
+        check_state_type(type(self).__name__, self._cell == "LSTM", hx)
         plan = self._call_plan(input, hx)
         if not plan.uses_triton:
             if runtime.strict():

@@ -200,6 +200,15 @@ class Plan:
     def uses_triton(self) -> bool:
         return self.config is not None
 
+    @property
+    def second_order(self) -> str:
+        """What a backward with ``create_graph=True`` (a gradient of a gradient) runs for this call."""
+        if not self.uses_triton:
+            return "torch.nn's own implementation (the call falls back to it)"
+        return ("the Triton backward kernels give the first-order gradients' values; their own derivatives "
+                "are autograd's through a torch recomputation of the recurrence (rnn_triton.reference: a "
+                "Python loop over the steps, O(T) memory)")
+
 
 def block_h_for(hidden_size: int) -> int:
     """Hidden units padded to a power of two, at least 16 (the smallest K and N of a dot)."""

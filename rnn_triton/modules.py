@@ -34,27 +34,20 @@ class _TritonRecurrent:
             return None
         return torch.get_autocast_dtype(device)
 
-    def _invalid_input(self, input, hx) -> bool:
+    def _invalid_input(self, input) -> bool:
         """Input torch.nn's forward rejects: it raises the right error, so let it."""
         if not isinstance(input, torch.Tensor):
-            return False
-        weight = self.weight_hh_l0
-        if input.dim() not in (2, 3) or input.device != weight.device or (
-                input.dtype != weight.dtype and self._autocast_dtype(input) is None):
             return True
-        if hx is None:
-            return False
-        if self.mode == "LSTM":
-            return not (isinstance(hx, (tuple, list)) and len(hx) == 2
-                        and all(isinstance(h, torch.Tensor) for h in hx))
-        return not isinstance(hx, torch.Tensor)
+        weight = self.weight_hh_l0
+        return input.dim() not in (2, 3) or input.device != weight.device or (
+            input.dtype != weight.dtype and self._autocast_dtype(input) is None)
 
     def kernel_plan(self, input) -> dispatch.Plan:
         """The kernel this module would run for ``input`` (a tensor or a PackedSequence), or the reason
-        it would fall back to torch."""
+        it would fall back to torch; ``.second_order`` says what a create_graph=True backward runs."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        if self._invalid_input(data, None) or (packed and data.dim() != 2):
+        if self._invalid_input(data) or (packed and data.dim() != 2):
             return dispatch.Plan(None, "input does not match the module (rank, dtype or device): torch.nn raises")
         dtype = self._autocast_dtype(data) or data.dtype
         if packed and input.sorted_indices is not None:
@@ -76,16 +69,39 @@ class _TritonRecurrent:
         return plan
 
     def forward(self, input, hx=None):
+        """torch.nn's forward: every check torch.nn makes comes first (its exception types), then the
+        plan; the kernels where it has one, else torch.nn's forward (or, strict, NotImplementedError)."""
+        check_state_type(type(self).__name__, self.mode == "LSTM", hx)
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
-        if self._invalid_input(input, hx):
+        if self._invalid_input(input):
             return super().forward(input, hx)
+        batched = input.dim() == 3
+        x, state = self._checked(input, hx, batched)
         plan = self.kernel_plan(input)
         if not plan.uses_triton:
             return self._torch_forward(plan, input, hx)
 
         is_lstm = self.mode == "LSTM"
-        batched = input.dim() == 3
+        cast = self._autocast_dtype(x)
+        if cast is not None:  # differentiable casts: the gradients come back in the parameters' dtype
+            x = x.to(cast)
+            state = None if state is None else (tuple(h.to(cast) for h in state) if is_lstm else state.to(cast))
+        # Under autocast the casts are done: none inside. (No context otherwise: export keeps it.)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            y, hn, cn = self._layers(x, state, plan.config, cast, self.batch_first)
+        if not batched:
+            y = y.squeeze(0 if self.batch_first else 1)
+            hn = hn.squeeze(1)
+            cn = None if cn is None else cn.squeeze(1)
+        return (y, (hn, cn)) if is_lstm else (y, hn)
+
+    def _checked(self, input, hx, batched):
+        """torch.nn's checks of a padded call (state dtype, device and rank, sequence length, sizes), with
+        its exception types and messages; returns (input, hx) batched (unbatched input gets a batch
+        dimension of 1)."""
+        is_lstm = self.mode == "LSTM"
         if hx is not None:
             _check_state_dtypes(hx, is_lstm, input, self._autocast_dtype(input) is not None)
             _check_state_ranks(hx, batched, is_lstm)
@@ -96,25 +112,11 @@ class _TritonRecurrent:
         # Not while tracing: jit.trace turns the size into a tensor and warns at its use as a bool.
         if not torch.jit.is_tracing() and input.shape[0 if not self.batch_first else 1] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        # torch.nn's own shape checks, with its messages and exception types.
         if hx is None:
             self.check_input(input, None)
         else:
             self.check_forward_args(input, hx, None)
-
-        cast = self._autocast_dtype(input)
-        if cast is not None:  # differentiable casts: the gradients come back in the parameters' dtype
-            input = input.to(cast)
-            hx = None if hx is None else (tuple(h.to(cast) for h in hx) if is_lstm else hx.to(cast))
-        # Under autocast the casts are done: none inside. (No context otherwise: export keeps it.)
-        device = input.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            y, hn, cn = self._layers(input, hx, plan.config, cast, self.batch_first)
-        if not batched:
-            y = y.squeeze(0 if self.batch_first else 1)
-            hn = hn.squeeze(1)
-            cn = None if cn is None else cn.squeeze(1)
-        return (y, (hn, cn)) if is_lstm else (y, hn)
+        return input, hx
 
     def _torch_forward(self, plan, input, hx):
         """torch.nn's own forward, for a call no kernel serves; under RNN_TRITON_STRICT=1 an error."""
@@ -129,15 +131,13 @@ class _TritonRecurrent:
         is packed with the input's batch sizes and indices. Tensor ops only (``packing``): torch.compile
         traces it without a graph break."""
         data = input.data
-        if self._invalid_input(data, hx) or data.dim() != 2:
+        if self._invalid_input(data) or data.dim() != 2:
             return super().forward(input, hx)
-        plan = self.kernel_plan(input)
-        if not plan.uses_triton:
-            return self._torch_forward(plan, input, hx)
         is_lstm = self.mode == "LSTM"
         if hx is not None:
             _check_state_dtypes(hx, is_lstm, data, self._autocast_dtype(data) is not None)
             _check_state_ranks(hx, True, is_lstm)
+        # torch.nn's own checks, with its messages and exception types: before any refusal of ours.
         t, row, lengths = packing.steps_and_rows(input)
         self.check_input(data, input.batch_sizes)
         x = packing.padded(input, t, row, lengths.shape[0])  # [T, B, I], the batch's original order
@@ -147,6 +147,9 @@ class _TritonRecurrent:
                     torch._check(h.shape[1] == x.shape[1], lambda: "hx's batch size is not the input's")
             # torch.nn's own check of the states' sizes (its messages), on the padded input
             self.check_forward_args(x, hx, None)
+        plan = self.kernel_plan(input)
+        if not plan.uses_triton:
+            return self._torch_forward(plan, input, hx)
         cast = self._autocast_dtype(data)
         if cast is not None:
             x = x.to(cast)
@@ -186,6 +189,26 @@ class _TritonRecurrent:
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         weights = [getattr(self, name + suffix) if p else None for name, p in zip(names, present)]
         return [w.to(cast) if w is not None and cast is not None else w for w in weights]
+
+
+def check_state_type(owner: str, is_lstm: bool, hx) -> None:
+    """A TypeError naming the expected type when ``hx`` is neither None nor what ``owner`` (a module
+    or cell class name) takes: a Tensor, or for the LSTMs a pair (h, c) of Tensors. (torch.nn lets
+    an IndexError or AttributeError from deep inside its forward escape there.)"""
+    if hx is None:
+        return
+    if is_lstm:
+        if isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(h, torch.Tensor) for h in hx):
+            return
+        want = "a tuple (h, c) of two Tensors"
+    elif isinstance(hx, torch.Tensor):
+        return
+    else:
+        want = "a Tensor"
+    got = type(hx).__name__
+    if isinstance(hx, (tuple, list)):
+        got = f"a {got} of {len(hx)} ({', '.join(type(h).__name__ for h in hx)})"
+    raise TypeError(f"{owner}: hx must be {want} or None, got {got}")
 
 
 def _check_state_dtypes(hx, is_lstm: bool, input, autocast: bool):

@@ -9,7 +9,9 @@
 
 ``rnn_triton::recurrent_fwd`` / ``rnn_triton::recurrent_bwd`` are registered with ``torch.library``
 (so ``torch.compile`` sees them as opaque ops, not graph breaks). The backward launches the reverse
-loop once, which writes dLoss/dxp for every step; dW_hh is then one GEMM over all steps.
+loop once, which writes dLoss/dxp for every step; dW_hh is then one GEMM over all steps. Under
+``create_graph=True`` those gradients also take the autograd graph of torch's recomputation of the
+layer (``reference.recurrence``), so that a gradient of a gradient is exact (see ``_backward``).
 """
 from contextlib import nullcontext
 from typing import Optional
@@ -18,7 +20,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from . import dispatch, runtime
+from . import dispatch, reference, runtime
 from .dispatch import CELLS, KernelConfig
 from .kernels.cooperative import cooperative_bwd_kernel, cooperative_fwd_kernel
 from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
@@ -414,39 +416,52 @@ def _setup_context(ctx, inputs, output):
         ctx.unsaved = True
         return
     ctx.unsaved = False
-    ctx.save_for_backward(w_hh, h0, c0, lengths, y, saved, cs)
+    # xp and b_hn are for a create_graph backward's recomputation (reference.recurrence) only: keeping
+    # xp [T, B, D*G*H] until backward is the memory an exact second order costs (the saved slots hold
+    # activations, from which the pre-activations would come back only approximately).
+    ctx.save_for_backward(xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs)
     ctx.args = (cell_id, reverse, batch_first, *config)
-    ctx.has_b_hn = b_hn is not None
 
 
 def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
+    """The kernels' backward (``recurrent_bwd``). Under ``create_graph=True`` (grad mode on here) the
+    gradients keep the kernels' values and take the autograd graph of torch's recomputation of the
+    layer (``reference``), so that they can be differentiated again."""
     if ctx.unsaved:
         raise RuntimeError("rnn_triton: backward through a forward that ran without saving for backward")
-    w_hh, h0, c0, lengths, y, saved, cs = ctx.saved_tensors
-    cell_id, batch_first = ctx.args[0], ctx.args[2]
+    xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs = ctx.saved_tensors
+    cell_id, reverse, batch_first = ctx.args[:3]
     state_shape = (_num_directions(w_hh, cell_id), _time_major(y, batch_first).shape[1], w_hh.shape[1])
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = y.new_zeros(state_shape) if dhn is None else dhn
     dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
-    dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y,
-                                                *ctx.args)
-    return (dxp, dw_hh, db_hn if ctx.has_b_hn else None, dh0 if h0 is not None else None,
-            dc0 if c0 is not None else None) + (None,) * 12
+    with torch.no_grad():  # the values: the kernels; under create_graph their graph comes from below
+        dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y,
+                                                    *ctx.args)
+    grads = [dxp, dw_hh, db_hn if b_hn is not None else None, dh0 if h0 is not None else None,
+             dc0 if c0 is not None else None]
+    if torch.is_grad_enabled():
+        inputs = (xp, w_hh, b_hn, h0, c0)
+        recompute = lambda *xs: reference.recurrence(cell_id, *xs, lengths, reverse, batch_first)  # noqa: E731
+        grads = reference.kernel_values_with_graph(grads, recompute, inputs,
+                                                   (dy, dhn, dcn if cell_id == _LSTM else None))
+    return tuple(grads) + (None,) * 12
 
 
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("rnn_triton: double backward (a gradient of a gradient) through the Triton kernels "
-                       "is not supported")
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("rnn_triton: the backward ops' outputs are not differentiable themselves; a "
+                       "create_graph=True backward through the modules differentiates a torch recomputation "
+                       "instead (rnn_triton.reference)")
 
 
 def _setup_nothing(ctx, inputs, output):
     pass
 
 
-recurrent_bwd.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+recurrent_bwd.register_autograd(_not_differentiable, setup_context=_setup_nothing)
 
 
 def triton_cdiv(a: int, b: int) -> int:
