@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import sass
+from . import sass, static_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "reports" / "static"
@@ -166,7 +166,6 @@ def own_anchor() -> list:
     """The anchor's per-step loop cost (LSTM H=768, B=16, bf16: 48 programs of 16 units, backward in 6
     chunks of 128) by the model (the GEMMs outside the loop left out), beside cuDNN's published
     per-step time. Empty when the own analyses are not committed."""
-    from . import static_cost
     a = static_cost.CUDNN_ANCHOR
     rows = []
     for name, (kernel, _cell, _dtype, block) in OWN.items():
@@ -200,7 +199,6 @@ def kernel_estimate(peer: dict, programs: int, T: int, kernel: str = "peer", pla
     time loop and trip counts ``plan`` names where its role guess does not fit, then ``step_cycles``),
     times T and the grid's waves. ``kernel`` starting with "coop": a cooperative launch with a grid
     barrier every step (the model's barrier and L2-gather terms)."""
-    from . import static_cost
     b = peer["build"]
     r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
     if plan:
@@ -298,8 +296,7 @@ def breakdown(row) -> str:
         k = row[mode]
         if k is None:
             continue
-        terms = ", ".join(f"{n} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for n, (lo, hi) in k["terms"].items())
-        lat = ", ".join(f"{n} {lo:.0f}-{hi:.0f}" for n, (lo, hi) in k["latency"].items())
+        terms, lat = static_cost.format_cycles(k["terms"]), static_cost.format_cycles(k["latency"])
         mma = ", ".join(f"{n:g} {op}" for op, n in k["mma"].items())
         out.append(
             f"- **{mode}** ({k['programs']} programs, {k['waves']} wave; "

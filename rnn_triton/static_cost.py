@@ -351,13 +351,17 @@ def format_estimates(rows) -> str:
     return "\n".join(lines)
 
 
+def format_cycles(terms) -> str:
+    """{name: (lo, hi)} as "name lo-hi, ..." (one number where lo == hi)."""
+    return ", ".join(f"{k} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for k, (lo, hi) in terms.items())
+
+
 def breakdown(e) -> str:
     """The terms of one estimate, in cycles, for the anchor's note."""
     lines = []
     for mode in ("fwd", "bwd"):
         m = e[mode]
-        terms = ", ".join(f"{k} {lo:.0f}" + (f"-{hi:.0f}" if hi != lo else "") for k, (lo, hi) in m["terms"].items())
-        lat = ", ".join(f"{k} {lo:.0f}-{hi:.0f}" for k, (lo, hi) in m["latency"].items())
+        terms, lat = format_cycles(m["terms"]), format_cycles(m["latency"])
         lines.append(f"- {mode} ({m['build']}, {m['programs']} programs): compute {m['compute_cycles'][0]:.0f}-"
                      f"{m['compute_cycles'][1]:.0f} cycles (pipes: {terms}); latency: {lat}; GEMMs outside "
                      f"the loop {m['gemm_cycles']:.0f}-{2 * m['gemm_cycles']:.0f}; = {_range(m['us'])} µs/step")
