@@ -327,8 +327,8 @@ def _static_section(out, measured):
     GPU the static estimate beside each measured layer."""
     from rnn_triton import static_cost
     compile_md = static_cost.OUT_DIR / "COMPILE.md"
-    fit = re.search(r"\d+ of \d+ dispatcher configurations fit on sm_90", open(compile_md).read()) \
-        if os.path.exists(compile_md) else None
+    fit = re.search(r"\d+ of \d+ dispatcher configurations fit on sm_90", compile_md.read_text()) \
+        if compile_md.exists() else None
     lines = ["## The kernels compiled for sm_90", "",
              f"Not made by this job: [{STATIC_README}](../static/README.md) indexes the committed sm_90 (H100/H200) "
              "compile table (registers, spills and shared memory of every configuration the dispatcher can choose, "

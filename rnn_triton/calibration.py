@@ -33,18 +33,17 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import sass, static_cost
+from . import compile_check, sass, static_cost
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "reports" / "static"
+OUT_DIR = static_cost.OUT_DIR
 PEERS_DIR = OUT_DIR / "peers"
-LABEL = "estimate from compiled code, not a measurement"
+LABEL = static_cost.LABEL
 
 #: H100 SXM: 132 SMs ([R3] of static_cost: the H100 whitepaper), 4 sub-partitions each.
 H100_SMS = 132
 SUBPARTITIONS = 4
 #: Shared memory one block may use on sm_90 (as compile_check.SM90_SHARED_LIMIT).
-SM90_SHARED_LIMIT = 227 * 1024
+SM90_SHARED_LIMIT = compile_check.SM90_SHARED_LIMIT
 
 #: The published times: FlashRNN's README figure ``head_dim--lstm.svg`` (NX-AI/flashrnn at d73fb52,
 #: the figure of the initial commit 4dda86e, 2024-12-11): its bar labels, in ms, for B=16, T=1024,
@@ -139,18 +138,19 @@ OWN = {"own_lstm_coop_fwd_1024": ("coop_fwd", "LSTM", "bfloat16", 1024),
 
 def import_own(cubin_dir: str) -> list:
     """Analyse this project's anchor builds from a directory of cubins by build key (compile_check's
-    LOCAL_DIR layout, e.g. a checkout's build/sm90) into ``peers/own_*.json``, with the serial chain.
-    A build not found there is compiled."""
+    LOCAL_DIR layout, e.g. a checkout's build/sm90) into ``peers/own_*.json``. A build not found there
+    is compiled (into compile_check.LOCAL_DIR)."""
     import torch
 
-    from . import compile_check
-    compile_check.LOCAL_DIR = Path(cubin_dir)
     paths = []
     for name, (kernel, cell, dtype, block) in OWN.items():
         config = next(c for c in compile_check.dispatcher_configs() if c[0] == kernel and c[1] == cell
                       and c[2] == getattr(torch, dtype) and c[3] == block and c[6])
         r = compile_check.compile_one(*config)
-        cubin = compile_check.LOCAL_DIR / f"{r.key}.cubin"
+        cubin = Path(cubin_dir) / f"{r.key}.cubin"
+        if not cubin.exists():  # taken from the committed results: compile it for its cubin
+            r = compile_check.compile_one(*config, cached=False)
+            cubin = compile_check.LOCAL_DIR / f"{r.key}.cubin"
         meta = {"kernel": kernel, "cell": cell, "dtype": dtype, "block_k": block, "num_warps": r.num_warps,
                 "block_u": r.block_u, "w_chunk": r.w_chunk, "registers": r.registers, "spill_bytes": r.spill_bytes,
                 "shared_bytes": r.shared_bytes, "mma_layouts": r.mma_layouts, "key": r.key,
@@ -321,7 +321,7 @@ def markdown(result) -> str:
              "\"within 1.5x\": the published time lies within [low / 1.5, high x 1.5]. \"bwd (derived)\" is "
              "published fwd+bwd minus published fwd.", "",
              "## Table", "", table(result), "",
-             "## Breakdown (cycles at 1.98 GHz)", ""]
+             f"## Breakdown (cycles at 1.98 GHz; {LABEL})", ""]
     for row in rows:
         parts += [f"### {row['id']}", "", breakdown(row), ""]
     own = result.get("own_anchor") or []
@@ -330,7 +330,7 @@ def markdown(result) -> str:
                   "LSTM H=768, B=16, bf16, cooperative BLOCK_K 1024 (the builds of static_cost's cuDNN anchor), "
                   "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
                   "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
-                  "| build | programs | compute cycles | latency cycles | serial chain cycles | model µs/step "
+                  "| build | programs | compute cycles | latency cycles | serial chain cycles | estimated µs/step "
                   "| cuDNN µs/step (published) |",
                   "|---|---|---|---|---|---|---|"]
         for o in own:

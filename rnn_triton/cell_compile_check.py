@@ -19,9 +19,9 @@ import torch
 
 from .compile_check import (_PTR, BUILDS_FILE, SM90_SHARED_LIMIT, add_cache_arguments, finish_cache, measure,
                             refuse_interpreter, run, write_table)
-_UNALIGNABLE = ("n_dx_blocks",)
+_UNALIGNABLE = ("n_dx_blocks",)  # a count, never assumed divisible by 16
 #: This check's committed build results (see compile_check).
-CELL_BUILDS_FILE = BUILDS_FILE.with_name("sm90_cell_builds.jsonl")  # a count, never assumed divisible by 16
+CELL_BUILDS_FILE = BUILDS_FILE.with_name("sm90_cell_builds.jsonl")
 
 
 @dataclass

@@ -149,9 +149,9 @@ def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, 
              if res.aligned and sig[name] != "constexpr" and name not in never_divisible}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    res.key = hashlib.sha256(f"{src.hash()}-sm90-{sorted(options.items())}-{triton.__version__}".encode()).hexdigest()
+    res.key = build_key(src, options)
     known = _builds().get(res.key) if cached else None
-    if known is not None and known.get("analysis") == sass.VERSION:
+    if known is not None and known.get("analysis") == analysis_version():
         _fill(res, known)
         res.cached, res.analysis = True, known["analysis"]
         return res
@@ -178,8 +178,28 @@ def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, 
     except Exception as exc:  # keep the compile's results; the analysis' failure shows in the table
         analysis = {"error": f"{type(exc).__name__}: {exc}"}
     _fill(res, dict(facts, mma_layouts=mma_layouts(ttgir), sass=analysis))
-    res.analysis = sass.VERSION  # of the code that analysed it (a worker's import, not the parent's)
+    res.analysis = analysis_version()  # of the code that analysed it (a worker's, not the parent's)
     return res
+
+
+def build_key(src, options) -> str:
+    """The key Triton's own cache gives this compile for sm_90 (its source and every @triton.jit
+    function it calls, signature, constexprs, attributes, Triton's own code, the backend and its ptxas,
+    the parsed options and the environment variables that change a compile), hashed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler as tc
+
+    backend = tc.make_backend(GPUTarget("cuda", 90, 32))
+    key = tc.get_cache_key(src, backend, backend.parse_options(dict(options)),
+                           env_vars=tc.get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def analysis_version() -> str:
+    """What a cached analysis depends on beyond its build: the SASS reader's code, the source spans
+    it tags and the TTGIR layout reader."""
+    from . import sass
+    return hashlib.sha256(f"{sass.VERSION}-{source_tags()}-{inspect.getsource(mma_layouts)}".encode()).hexdigest()[:16]
 
 
 def _resource_usage(cubin: bytes):
@@ -241,9 +261,12 @@ def _builds() -> dict:
     return _BUILDS
 
 
-def write_builds(results, path=BUILDS_FILE) -> None:
-    """Save the results of a run as the committed build results (one line per build key)."""
+def write_builds(results, path=BUILDS_FILE, replace: bool = True) -> None:
+    """Save the results of a run as the committed build results (one line per build key): all of
+    them (``replace``: a full run), or merged into those already there (a partial run)."""
     entries = {}
+    if not replace and path.exists():
+        entries = {e["key"]: e for e in map(json.loads, path.read_text().splitlines())}
     for r in results:
         if r.key and not r.error:
             entries[r.key] = {"key": r.key, "analysis": r.analysis, "kernel": r.kernel, "cell": r.cell,
@@ -417,7 +440,7 @@ def finish_cache(args, configs, results, compile_fn, path) -> int:
     print(f"{sum(r.cached for r in results)} of {len(results)} builds from the committed results ({path.name}), "
           f"{sum(not r.cached for r in results)} compiled (or re-read from {LOCAL_DIR.relative_to(_ROOT)}).")
     if args.write_builds:
-        write_builds(results, path)
+        write_builds(results, path, replace=not getattr(args, "kernels", None))
     if args.verify:
         diffs = verify([c for c, r in zip(configs, results) if r.cached], args.verify, compile_fn)
         print(f"verified {args.verify} cached builds by compiling them again: "

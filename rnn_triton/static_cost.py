@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import compile_check, dispatch
+from . import compile_check, dispatch, sass
 
 OUT_DIR = compile_check.BUILDS_FILE.parent
 BASELINE_FILE = OUT_DIR / "baseline.json"
@@ -82,7 +82,8 @@ CUDNN_ANCHOR = {"cell": "LSTM", "H": 768, "B": 16, "T": 1024, "dtype": "bfloat16
 #: 1. Spilled registers: LDL/STL (sass "local") go through the L1/shared-memory data path, so their
 #:    bytes join the shared pipe (L1 and shared memory are one 256 KB array per SM: [R3]); their
 #:    reloads' latency is an L1 or an L2 hit in the serial chain (sass.LOCAL_LATENCY).
-#: 2. cp.async (LDGSTS) is a global load (sass.classify): bytes and round trips.
+#: 2. cp.async (LDGSTS) is a global load (sass.classify): its bytes (its round trips are not seen: it
+#:    completes through DEPBAR, which the reader does not follow; this project issues none).
 #: 3. No warp finishes an iteration sooner than its own serial chain (sass.serial_cycles: stall counts and
 #:    scoreboard waits costed by unit, sass.SERIAL_LATENCY): the compute phase is at least that.
 #: 4. In a cooperative step every global load may read another program's pre-barrier store, so L2 serves
@@ -116,6 +117,21 @@ def _loop_roles(analysis):
     return top, roles
 
 
+def loop_nest(analysis) -> list:
+    """The roles of the time loop's inner loops, sorted (e.g. ["chunk", "poll", "tile"])."""
+    _, roles = _loop_roles(analysis)
+    return sorted(roles.values())
+
+
+def expected_nest(r) -> list:
+    """The loop nest a build's source has: a tile-persistent loop has no inner loop; a cooperative one
+    the barrier's poll and the loop over the program's batch tiles, with the backward's K chunks inside
+    that where it re-reads W_hh (w_chunk)."""
+    if not r.kernel.startswith("coop"):
+        return []
+    return sorted(["poll", "tile"] + (["chunk"] if r.w_chunk else []))
+
+
 def step_counts(analysis, tiles: int = 1, chunks: int = 1, time_loop=None, trips=None) -> dict:
     """Per-warp counts of one time step: the time loop's own instructions, each tile loop's times
     ``tiles`` (batch tiles per program), each chunk loop's times ``chunks`` (backward K chunks); the
@@ -144,14 +160,9 @@ def step_counts(analysis, tiles: int = 1, chunks: int = 1, time_loop=None, trips
             acc[0] += lo * times
             acc[1] += hi * times
     total["release"] = loops[time_loop]["release"]
-    total["gather_bytes"] = sum(v * 32 * _ldg_bytes(q) for q, v in total["ldg_qualifiers"].items()
+    total["gather_bytes"] = sum(v * 32 * sass.access_bytes(q) for q, v in total["ldg_qualifiers"].items()
                                 if "STRONG.GPU" in q and q != "LDG.E.STRONG.GPU")  # h / dr from L2, not the poll
     return total
-
-
-def _ldg_bytes(op: str) -> int:
-    from .sass import access_bytes
-    return access_bytes(op)
 
 
 def useful_macs(kernel: str, num_gates: int, block_h: int, block_u: int, rows: int = dispatch.BLOCK_B) -> int:
@@ -167,6 +178,10 @@ def facts(r) -> dict:
     step = step_counts(r.sass, 1, chunks)
     if not step:
         return {"error": r.sass.get("error", "no loop found")}
+    nest = loop_nest(r.sass)
+    if nest != expected_nest(r):
+        return {"error": f"loop nest {nest}, expected {expected_nest(r)}: the trip counts would go to the "
+                         "wrong loops (static_cost._loop_roles)"}
     cell = dispatch.CELLS[r.cell]
     # a dot runs on tensor cores, or (IEEE float32) on FFMA: then those are its issued multiply-adds
     issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps
@@ -230,7 +245,9 @@ def step_cycles(r, step, programs: int, op_bytes: int, spills_in: str = "l1") ->
     if r.kernel.startswith("coop"):
         latency["barrier"] = tuple(n * L2_CYCLES for n in BARRIER_ROUND_TRIPS)
         # every global load of a cooperative step may read what other programs wrote before the barrier,
-        # so L2 serves it: at least once per program, at most as issued by every warp (correction 4)
+        # so L2 serves it (correction 4): at most as issued by every warp; at least once per program
+        # (its warps reading the same state), and then only the transfer time beyond the one L2
+        # round trip already costed for the load is extra (the transfer overlaps the first access)
         issued = step["bytes"].get("global_loaded", 0) * warps * programs / L2_BYTES_PER_CYCLE
         latency["l2_gather"] = (max(0.0, issued / warps - L2_CYCLES), issued)
     lo = compute[0] + sum(v[0] for v in latency.values())
@@ -238,10 +255,10 @@ def step_cycles(r, step, programs: int, op_bytes: int, spills_in: str = "l1") ->
     return {"cycles": (lo, hi), "compute": compute, "chain": tuple(chain), "terms": terms, "latency": latency}
 
 
-def _result_for(results, kernel, cell, dtype, precision, block_h, aligned):
+def _result_for(results, kernel, cell, dtype, precision, block_h, aligned, num_warps, w_chunk):
     for r in results:
-        if (r.kernel, r.cell, r.dtype, r.precision, r.block_h, r.aligned) == (kernel, cell, dtype, precision,
-                                                                              block_h, aligned):
+        if (r.kernel, r.cell, r.dtype, r.precision, r.block_h, r.aligned, r.num_warps, r.w_chunk) == (
+                kernel, cell, dtype, precision, block_h, aligned, num_warps, w_chunk):
             return r
     return None
 
@@ -270,8 +287,9 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
     total = [0.0, 0.0]
     for mode in ("fwd", "bwd"):
         kernel = ("coop_" if coop else "") + mode
-        r = _result_for(results, kernel, cell, name, precision, c.block_h, aligned) or \
-            _result_for(results, kernel, cell, name, precision, c.block_h, not aligned)
+        w_chunk = c.w_chunk if kernel == "coop_bwd" else 0
+        r = _result_for(results, kernel, cell, name, precision, c.block_h, aligned, c.num_warps, w_chunk) or \
+            _result_for(results, kernel, cell, name, precision, c.block_h, not aligned, c.num_warps, w_chunk)
         if r is None or not r.sass.get("loops"):
             return dict(out, reason=f"no analysed build for {kernel} {cell} {name} {c.block_h}")
         chunks = -(-H // c.w_chunk) if (coop and mode == "bwd" and c.w_chunk) else 1
@@ -286,7 +304,7 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
         lo, hi = cost["cycles"][0] * waves + gemm, cost["cycles"][1] * waves + 2 * gemm
         # useful: the real H (padding to BLOCK_H is waste), batch rows in whole tiles of 16
         useful = spec.num_gates * H * H * tiles * dispatch.BLOCK_B
-        issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps * programs * waves
+        issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps * programs
         out[mode] = {"us": (lo / (CLOCK_GHZ * 1e3), hi / (CLOCK_GHZ * 1e3)), "build": config_id(r),
                      "waves": waves, "programs": programs, "gemm_cycles": gemm,
                      "mma_efficiency_at_H": round(useful / issued, 3) if issued else None,
@@ -410,7 +428,7 @@ def plot(rows, path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"rnn_triton per-step time on an H200: {LABEL}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": f"rnn_triton per-step time on an H200: {LABEL}"})
     plt.close(fig)
 
 
@@ -424,10 +442,10 @@ def committed_estimates(path=OUT_DIR / "static_cost.json") -> dict:
 
 
 def report_section(out_dir, measured=(), path=OUT_DIR / "static_cost.json") -> list:
-    """Markdown lines for a benchmark report: the committed static table's anchor and plot (copied into
-    ``out_dir``), and, for measured rnn_triton rows (bench/run.py results on a GPU), the estimate of
-    the same layer beside the measured µs/step, so the model gets checked."""
-    import shutil
+    """Markdown lines for a benchmark report in ``out_dir``: the committed static table's anchor and plot
+    (linked where it is committed: it is not this run's figure), and, for measured rnn_triton rows
+    (bench/run.py results on a GPU), the estimate of the same layer beside the measured µs/step, so the
+    model gets checked."""
     if not Path(path).exists():
         return []
     data = json.loads(Path(path).read_text())
@@ -436,8 +454,8 @@ def report_section(out_dir, measured=(), path=OUT_DIR / "static_cost.json") -> l
              "Per-step time read from the compiled code of each kernel (`python -m rnn_triton.static_cost`; "
              "the whole table: `reports/static/STATIC.md`). " + anchor_summary(data.get("anchor", {})), ""]
     if plot_file.exists():
-        shutil.copy(plot_file, Path(out_dir) / plot_file.name)
-        lines += [f"![{plot_file.name}]({plot_file.name})", "",
+        link = os.path.relpath(plot_file, os.path.abspath(out_dir))
+        lines += [f"![{plot_file.name}]({link})", "",
                   f"*Estimated µs per step against H, bf16, B=16 ({LABEL}); the star is cuDNN's published "
                   "H100 LSTM time at H=768.*", ""]
     table = committed_estimates(path)

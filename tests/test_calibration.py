@@ -77,6 +77,13 @@ def test_spills_fit_l1_by_the_carveout_left():
     assert calibration.spills_fit_l1(512, 128, 96258)  # 64 KiB fits in 156 KB
 
 
+def test_peer_analyses_are_this_reader_s():
+    """A change to sass.py's code leaves the committed peer analyses stale: re-import them
+    (python -m rnn_triton.calibration --import-peer NAME CUBIN, from the cubins calibration.md describes)."""
+    for path in sorted(calibration.PEERS_DIR.glob("*.json")):
+        assert json.loads(path.read_text())["analysis_version"] == sass.VERSION, path.name
+
+
 def test_peer_builds_record_how_they_were_made():
     for name in ("flashrnn_triton_lstm_fw_dh64", "flashrnn_triton_lstm_bw_dh64"):
         b = calibration.load_peer(name)["build"]
