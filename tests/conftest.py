@@ -22,3 +22,9 @@ def seed(request):
     value = int(os.environ.get("RNN_TRITON_SEED", int.from_bytes(os.urandom(4), "little")))
     torch.manual_seed(value)
     return value
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` first: with one worker per core (pytest-xdist), a long test collected last
+    would run alone at the end while the other core idles."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

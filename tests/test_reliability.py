@@ -300,6 +300,7 @@ def test_nan_and_inf_propagate_where_torchs_do(cell, bad):
     assert rel_err(y[finite], y_ref[finite]) < 1e-4
 
 
+@pytest.mark.long
 def test_very_long_sequence_gives_torchs_answer():
     """T = 100,000 steps. The interpreter runs the RNN in float64 (about a minute per pass): exact
     to rounding. On a GPU every cell runs, in float32."""
