@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_gate_tiles, load_slots, row_offsets, row_steps, step_offsets, store_slots
+from .tiles import (load_slots, load_split_gate_tiles, row_offsets, row_steps, split_dot,
+                    split_k, step_offsets, store_slots)
 
 
 @triton.jit
@@ -91,19 +92,21 @@ def cooperative_fwd_kernel(
     T, B, H, reverse, s_begin, s_end, max_spins,
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
     group = tl.program_id(1)
     num_units = tl.num_programs(0)
     num_groups = tl.num_programs(1)
+    num_tiles = tl.cdiv(B, BLOCK_B)
+    last_tile = group + (num_tiles - 1 - group) // num_groups * num_groups  # this program's last
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)  # this program's units
-    offs_k = tl.arange(0, BLOCK_K)                      # all units, as the dot's K
+    offs_k = split_k(BLOCK_K, SPLIT)[:, :, None]       # all units, as the dot's K, in SPLIT slices
     mask_u = offs_u < H
     mask_k = offs_k < H
-    w0, w1, w2, w3 = load_gate_tiles(w_hh_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
-                                     DOT_DTYPE)
+    w0, w1, w2, w3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
+                                           DOT_DTYPE, True)
     b_hn = tl.zeros([BLOCK_U, 1], ACC)
     if CELL == GRU:
         b_hn += tl.load(b_hn_ptr + offs_u[:, None], mask=mask_u[:, None], other=0.0).to(ACC)
@@ -114,13 +117,10 @@ def cooperative_fwd_kernel(
     s = s_begin
     alive = s_begin >= 0
     while (s < s_end) & alive:
-        if COOPERATIVE:  # everyone's h_{t-1} is published
-            alive = _barrier_wait(counter, s * num_units, max_spins)
-            tl.store(error_ptr, 1, mask=alive == 0)
         if not HAS_LENGTHS:  # one t for all rows (else per row, below)
             t = s + reverse * (T - 1 - 2 * s)
             t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)  # clamped; unread at s = 0
-        for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
+        for tile in range(group, num_tiles, num_groups):
             offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
             mask_b = offs_b < B
             mask = mask_u[:, None] & mask_b[None, :]
@@ -133,52 +133,55 @@ def cooperative_fwd_kernel(
                 rows = mask_b & (s < lengths)
                 mask = mask_u[:, None] & rows[None, :]
             state_offs = row_offsets(offs_b, H, offs_u)
-            # h_{t-1} of all units: y[t-1], or h0 at the first step (one load: two loads summed would
-            # keep the whole tile in registers). Other programs wrote most of it: read it from L2.
+            # Its units' input projection is loaded before the wait, in flight while the other programs
+            # finish the step.
+            x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t,
+                                                              row_offsets(offs_b, stride_xp_b, offs_u)),
+                                        H, mask, NUM_GATES, ACC)
+            if COOPERATIVE and tile == group:  # everyone's h_{t-1} is published
+                alive = _barrier_wait(counter, s * num_units, max_spins)
+                tl.store(error_ptr, 1, mask=alive == 0)
+            # The carry after the wait: the wait's CTA barrier orders this program's store of it (after
+            # the last arrival) before this load, whichever threads the two layouts give each element.
+            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
+            # h_{t-1} of all units, [SPLIT, K/SPLIT, BLOCK_B]: y[t-1], or h0 at the first step (one
+            # load: two loads summed would keep the whole tile in registers). Other programs wrote most
+            # of it: read it from L2.
             first = s == 0
-            mask_prev = mask_k[:, None] & _rows_if(offs_b, B, HAS_H0 | (s > 0))[None, :]
+            b3 = offs_b[None, None, :]
+            mask_prev = mask_k & _rows_if(b3, B, HAS_H0 | (s > 0))
             if HAS_LENGTHS:
                 h_prev_ptr = tl.where(first, h0_ptr, y_ptr)
-                h_prev_offs = step_offsets(t_prev, tl.where(first, 0, stride_y_t),
-                                           row_offsets(offs_b, tl.where(first, H, stride_y_b), offs_k))
-                mask_prev = mask_k[:, None] & (_rows_if(offs_b, B, HAS_H0 | (s > 0)) & rows)[None, :]
+                h_prev_offs = step_offsets(t_prev[:, None, :], tl.where(first, 0, stride_y_t),
+                                           b3.to(tl.int64) * tl.where(first, H, stride_y_b) + offs_k)
+                mask_prev = mask_k & (_rows_if(b3, B, HAS_H0 | (s > 0)) & rows[None, None, :])
                 h_all = tl.load(h_prev_ptr + h_prev_offs, mask=mask_prev, other=0.0,
                                 cache_modifier=".cg")
             else:
                 h_prev_ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
                 h_prev_stride = tl.where(first, H, stride_y_b)
-                h_all = tl.load(h_prev_ptr + row_offsets(offs_b, h_prev_stride, offs_k), mask=mask_prev,
+                h_all = tl.load(h_prev_ptr + (b3.to(tl.int64) * h_prev_stride + offs_k), mask=mask_prev,
                                 other=0.0, cache_modifier=".cg")
             h_all = h_all.to(DOT_DTYPE)
-            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
-            x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t,
-                                                              row_offsets(offs_b, stride_xp_b, offs_u)),
-                                        H, mask, NUM_GATES, ACC)
-            a0 = tl.dot(w0, h_all, acc=x0, input_precision=PRECISION)
+            a0 = split_dot(w0, h_all, x0, PRECISION)
             a1 = a0
             a2 = a0
             a3 = a0
             if NUM_GATES > 1:
-                a1 = tl.dot(w1, h_all, acc=x1, input_precision=PRECISION)
-                if CELL == GRU:  # q = h @ W_n^T + b_hn, which r multiplies (b_hn as the accumulator:
-                    # a dot without one spills at H = 1024)
-                    a2 = tl.dot(w2, h_all, acc=tl.zeros([BLOCK_U, BLOCK_B], ACC) + b_hn,
-                                input_precision=PRECISION)
+                a1 = split_dot(w1, h_all, x1, PRECISION)
+                if CELL == GRU:  # q = h @ W_n^T + b_hn, which r multiplies
+                    a2 = split_dot(w2, h_all, tl.zeros([BLOCK_U, BLOCK_B], ACC) + b_hn, PRECISION)
                 else:
-                    a2 = tl.dot(w2, h_all, acc=x2, input_precision=PRECISION)
+                    a2 = split_dot(w2, h_all, x2, PRECISION)
             if NUM_GATES > 3:
-                a3 = tl.dot(w3, h_all, acc=x3, input_precision=PRECISION)
+                a3 = split_dot(w3, h_all, x3, PRECISION)
             h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, 0.0, carry, carry)  # b_hn is in a2
-            if HAS_LENGTHS:
-                if CELL == GRU:
-                    # t and the row mask again, from a second read of the lengths (.cg: not merged with
-                    # the first). Kept live across the dots they spill the GRU at BLOCK_K = 512, while
-                    # the LSTM spills at 1024 with the re-read (4 bytes either way; sm_90 compile check).
-                    lengths = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0, cache_modifier=".cg")
-                    t, _ = row_steps(s, lengths, reverse, T)
-                    mask = mask_u[:, None] & (mask_b & (s < lengths))[None, :]
             y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
             tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
+            if COOPERATIVE and tile == last_tile:
+                # Early release: h_t is all the others wait for; the stores below are this program's
+                # alone (its carry, read back after its next wait) or the backward's.
+                _barrier_arrive(counter)
             if CELL == LSTM:
                 tl.store(carry_ptr + state_offs, c, mask=mask)
             if CELL == GRU:
@@ -188,8 +191,6 @@ def cooperative_fwd_kernel(
                 store_slots(saved_ptr + saved_offs, H, mask, NUM_SAVED, s0, s1, s2, s3)
                 if CELL == LSTM:
                     tl.store(cs_ptr + step_offsets(t, state_stride_t, state_offs), c, mask=mask)
-        if COOPERATIVE:
-            _barrier_arrive(counter)
         s += 1
 
 
@@ -197,26 +198,29 @@ def cooperative_fwd_kernel(
 def _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, offs_b, rows, offs_j,
             mask_j, H, CELL: tl.constexpr, NUM_GATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
             ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """sum_k w_k @ dr_k[t][units j] (w_k: [units, j] tiles of W_k^T): the part of dLoss/dh_{t-1} that
-    flows through the units j of every gate. dr_k: dxp's slots, GRU's n-slot from dqn. Other programs
-    wrote most of it: read from L2."""
-    mask = mask_j[:, None] & rows[None, :]
-    offs = step_offsets(t, stride_t, row_offsets(offs_b, stride_b, offs_j))
+    """sum_k w_k @ dr_k[t][units j] (t: [1, rows]) (w_k: [SPLIT, units, j] tiles of W_k^T, j split as offs_j
+    [SPLIT, j, 1]): the part of dLoss/dh_{t-1} that flows through the units j of every gate, as
+    ``split_dot`` does, with the gates' partial products summed in the same [SPLIT, units, rows]
+    accumulator before the one sum over the slices. dr_k: dxp's slots, GRU's n-slot from dqn. Other
+    programs wrote most of it: read from L2."""
+    b3 = offs_b[None, None, :]
+    mask = mask_j & rows[None, None, :]
+    offs = tl.cast(t, tl.int64)[:, None, :] * tl.cast(stride_t, tl.int64) + (b3.to(tl.int64) * stride_b + offs_j)
     dr = tl.load(dxp_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    dh = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+    acc = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
     if NUM_GATES > 1:
         dr = tl.load(dxp_ptr + offs + H, mask=mask, other=0.0, cache_modifier=".cg")
-        dh = tl.dot(w1, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+        acc = tl.dot(w1, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
         if CELL == GRU:
-            dr = tl.load(dqn_ptr + step_offsets(t, state_stride_t, row_offsets(offs_b, H, offs_j)), mask=mask,
-                         other=0.0, cache_modifier=".cg")
+            offs_q = tl.cast(t, tl.int64)[:, None, :] * state_stride_t + (b3.to(tl.int64) * H + offs_j)
+            dr = tl.load(dqn_ptr + offs_q, mask=mask, other=0.0, cache_modifier=".cg")
         else:
             dr = tl.load(dxp_ptr + offs + 2 * H, mask=mask, other=0.0, cache_modifier=".cg")
-        dh = tl.dot(w2, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
+        acc = tl.dot(w2, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
     if NUM_GATES > 3:
         dr = tl.load(dxp_ptr + offs + 3 * H, mask=mask, other=0.0, cache_modifier=".cg")
-        dh = tl.dot(w3, dr.to(DOT_DTYPE), acc=dh, input_precision=PRECISION)
-    return dh
+        acc = tl.dot(w3, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -236,23 +240,24 @@ def cooperative_bwd_kernel(
     T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, W_CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
     group = tl.program_id(1)
     num_units = tl.num_programs(0)
     num_groups = tl.num_programs(1)
+    num_tiles = tl.cdiv(B, BLOCK_B)
+    last_tile = group + (num_tiles - 1 - group) // num_groups * num_groups  # this program's last
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_u = offs_u < H
-    mask_k = offs_k < H
     # W_k[:, units]^T = W_k^T[units, :], read row-major from W_hh's per-gate transpose: the same
-    # access as the forward's, which keeps the tiles in shared memory (W_k[:, units] read directly
-    # is contiguous only along 16 units, and the tiles then spill at H = 1024).
+    # access as the forward's.
     if W_CHUNK == 0:
-        w0, w1, w2, w3 = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_k, mask_k, False, NUM_GATES,
-                                         DOT_DTYPE)
+        offs_k = split_k(BLOCK_K, SPLIT)[:, :, None]
+        w0, w1, w2, w3 = load_split_gate_tiles(w_t_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
+                                               DOT_DTYPE, True)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
     counter = sync_ptr + group
@@ -260,9 +265,6 @@ def cooperative_bwd_kernel(
     s = s_begin
     alive = s_begin >= 0
     while (s < s_end) & alive:
-        if COOPERATIVE:  # everyone's gate gradients of step s-1 are published
-            alive = _barrier_wait(counter, s * num_units, max_spins)
-            tl.store(error_ptr, 1, mask=alive == 0)
         active = s < T  # step T only gathers dh0
         if not HAS_LENGTHS:  # one t for all rows (else per row, below)
             t_raw = T - 1 - s + reverse * (2 * s - (T - 1))  # the forward's step; off the end at s = T
@@ -270,7 +272,7 @@ def cooperative_bwd_kernel(
             t_next = tl.minimum(tl.maximum(t_raw + 1 - 2 * reverse, 0), T - 1)  # step s-1's t
             t_prev = tl.minimum(tl.maximum(t_raw - 1 + 2 * reverse, 0), T - 1)  # the state before step t
         has_prev = s < T - 1
-        for tile in range(group, tl.cdiv(B, BLOCK_B), num_groups):
+        for tile in range(group, num_tiles, num_groups):
             offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
             mask_b = offs_b < B
             mask = mask_u[:, None] & mask_b[None, :]
@@ -289,30 +291,12 @@ def cooperative_bwd_kernel(
             else:
                 rows_prev = _rows_if(offs_b, B, s > 0)  # nothing before step 0
                 rows_hn = _rows_if(offs_b, B, s == 0)
-            # dh = sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
-            if W_CHUNK == 0:
-                dh = _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b, state_stride_t,
-                             offs_b, rows_prev, offs_k, mask_k, H, CELL, NUM_GATES, DOT_DTYPE, ACC, PRECISION)
-            else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
-                dh = tl.zeros([BLOCK_U, BLOCK_B], ACC)
-                for k0 in range(0, H, W_CHUNK):
-                    offs_c = k0 + tl.arange(0, W_CHUNK)
-                    mask_c = offs_c < H
-                    c0_, c1_, c2_, c3_ = load_gate_tiles(w_t_ptr, H, offs_u, mask_u, offs_c, mask_c, False,
-                                                         NUM_GATES, DOT_DTYPE)
-                    dh += _gather(c0_, c1_, c2_, c3_, dxp_ptr, dqn_ptr, t_next, stride_dxp_t, stride_dxp_b,
-                                  state_stride_t, offs_b, rows_prev, offs_c, mask_c, H, CELL, NUM_GATES,
-                                  DOT_DTYPE, ACC, PRECISION)
-            dh += tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & rows_hn[None, :], other=0.0).to(ACC)
-            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
-            if CELL == GRU:
-                dh += carry
-            tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty),
-                     mask=mask_u[:, None] & _rows_if(offs_b, B, s == T)[None, :])
-
             step = mask_u[:, None] & _rows_if(offs_b, B, active)[None, :]
             if HAS_LENGTHS:
                 step = step & live  # before its first step a row reads and writes nothing
+            # What only the forward wrote (dLoss/dy and dLoss/dhn of its units, its saved slots and
+            # states) is loaded before the wait, in flight while the other programs finish the step.
+            dh = tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & rows_hn[None, :], other=0.0).to(ACC)
             dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, row_offsets(offs_b, stride_dy_b, offs_u)),
                           mask=step, other=0.0).to(ACC)
             s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t,
@@ -334,6 +318,27 @@ def cooperative_bwd_kernel(
                 prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u)),
                                mask=step, other=0.0).to(ACC)
             prev = tl.where(has_prev, prev, state0)
+            if COOPERATIVE and tile == group:  # everyone's gate gradients of step s-1 are published
+                alive = _barrier_wait(counter, s * num_units, max_spins)
+                tl.store(error_ptr, 1, mask=alive == 0)
+            # The carry after the wait, as in the forward (its store comes after this program's arrival).
+            carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
+            # dh += sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
+            t_rows = t_next + tl.zeros([1, BLOCK_B], tl.int32)  # per row, with lengths or without
+            if W_CHUNK == 0:
+                dh += _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
+                              state_stride_t, offs_b, rows_prev, offs_k, offs_k < H, H, CELL, NUM_GATES,
+                              DOT_DTYPE, ACC, PRECISION)
+            else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
+                for k0 in range(0, H, W_CHUNK):
+                    offs_c = k0 + split_k(W_CHUNK, SPLIT)[:, :, None]
+                    c0_, c1_, c2_, c3_ = load_split_gate_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT,
+                                                               NUM_GATES, DOT_DTYPE, False)
+                    dh += _gather(c0_, c1_, c2_, c3_, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
+                                  state_stride_t, offs_b, rows_prev, offs_c, offs_c < H, H, CELL, NUM_GATES,
+                                  DOT_DTYPE, ACC, PRECISION)
+            if CELL == GRU:
+                dh += carry
             d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, carry, s0, s1, s2, s3, c_new, prev,
                                                               prev)
             dxp_offs = step_offsets(t, stride_dxp_t, row_offsets(offs_b, stride_dxp_b, offs_u))
@@ -341,9 +346,14 @@ def cooperative_bwd_kernel(
             if CELL == GRU:
                 tl.store(dqn_ptr + step_offsets(t, state_stride_t, state_offs),
                          dq2.to(dqn_ptr.dtype.element_ty), mask=step)
+            if COOPERATIVE and tile == last_tile:
+                # Early release: the gate gradients are all the others wait for; the stores below are
+                # this program's alone (its carry, read back after its next wait) or the host's.
+                _barrier_arrive(counter)
+            tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty),
+                     mask=mask_u[:, None] & _rows_if(offs_b, B, s == T)[None, :])
+            if CELL == GRU:
                 tl.store(carry_ptr + state_offs, dh_direct, mask=step)
             if CELL == LSTM:
                 tl.store(carry_ptr + state_offs, dc, mask=step)
-        if COOPERATIVE:
-            _barrier_arrive(counter)
         s += 1

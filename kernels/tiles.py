@@ -35,6 +35,67 @@ def load_gate_tiles(w_ptr, H, rows, mask_rows, cols, mask_cols, TRANSPOSE: tl.co
 
 
 @triton.jit
+def split_k(BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """K's indices split in SPLIT slices, [SPLIT, BLOCK_K // SPLIT]: slice s holds s * (BLOCK_K //
+    SPLIT) ... (see ``split_dot``; a left operand takes them as [:, None, :], a right one as [:, :, None])."""
+    KS: tl.constexpr = BLOCK_K // SPLIT
+    return tl.arange(0, SPLIT)[:, None] * KS + tl.arange(0, KS)[None, :]
+
+
+@triton.jit
+def load_split_gate_tiles(w_ptr, H, rows, mask_rows, k0, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                          NUM_GATES: tl.constexpr, DOT_DTYPE: tl.constexpr, KEPT: tl.constexpr):
+    """The NUM_GATES tiles W_k[rows, k0 : k0 + BLOCK_K] of W_hh [NUM_GATES*H, H] (W_k: gate k's H
+    rows), each split along K for ``split_dot``: [SPLIT, rows, BLOCK_K // SPLIT].
+
+    KEPT: the tiles serve every step (loaded before the time loop). In half precision, where they then
+    take at most 64 registers per thread, they are returned as a
+    tensor-core dot leaves them (``_in_registers``), so that the time loop keeps them in registers;
+    else they stay in shared memory, read by every step. Slots beyond NUM_GATES repeat slot 0 and are never used.
+    """
+    k = k0 + split_k(BLOCK_K, SPLIT)[:, None, :]
+    offs = rows[None, :, None] * H + k
+    mask = mask_rows[None, :, None] & (k < H)
+    # registers per thread the tiles take there: at most 64 (the rest of a step needs ~170 of 255)
+    IN_REGS: tl.constexpr = KEPT and (NUM_GATES * rows.shape[0] * BLOCK_K * DOT_DTYPE.primitive_bitwidth
+                                      <= 64 * 32 * 32 * SPLIT)
+    w0 = _in_registers(tl.load(w_ptr + offs, mask=mask, other=0.0).to(DOT_DTYPE), IN_REGS)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if NUM_GATES > 1:
+        w1 = _in_registers(tl.load(w_ptr + H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE), IN_REGS)
+        w2 = _in_registers(tl.load(w_ptr + 2 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE), IN_REGS)
+    if NUM_GATES > 3:
+        w3 = _in_registers(tl.load(w_ptr + 3 * H * H + offs, mask=mask, other=0.0).to(DOT_DTYPE), IN_REGS)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _in_registers(w, IN_REGS: tl.constexpr):
+    """A half-precision tile w [SPLIT, M, K] as the result of I @ w (exact: each sum has one nonzero
+    product), which puts it in the tensor-core accumulator layout. From there Triton converts it to a
+    dot's operand layout in registers; a tile loaded from global memory would instead be staged in shared
+    memory and read back (ldmatrix) at every use, i.e. every step. Without IN_REGS, and float32 and
+    float64 tiles, as they are."""
+    if IN_REGS and w.dtype.primitive_bitwidth == 16:
+        i = tl.arange(0, w.shape[1])
+        eye = (i[:, None] == i[None, :]).to(w.dtype)
+        w = tl.dot(tl.broadcast_to(eye[None, :, :], [w.shape[0], w.shape[1], w.shape[1]]), w,
+                   out_dtype=tl.float32).to(w.dtype)
+    return w
+
+
+@triton.jit
+def split_dot(w, x, acc, PRECISION: tl.constexpr):
+    """acc + w @ x with K split over the program's warps: w [SPLIT, M, K/SPLIT] and x [SPLIT, K/SPLIT,
+    N] (``split_k``'s slices) multiply slice by slice, one slice per warp, and the SPLIT partial
+    products are summed. An [M, K] @ [K, N] dot with M = 16 would give every warp the whole product
+    (warps split M and N only); this gives each warp a 1/SPLIT share of it."""
+    return acc + tl.sum(tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION), axis=0)
+
+
+@triton.jit
 def row_offsets(offs_b, stride_b, offs_h):
     """Offsets of the [units, batch rows] tile within one step, b*stride_b + h, in 64 bits."""
     return offs_b.to(tl.int64)[None, :] * tl.cast(stride_b, tl.int64) + offs_h[:, None]

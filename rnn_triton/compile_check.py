@@ -121,7 +121,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     # "_packed": with per-row lengths (PackedSequence input), a heavier build
     constexprs["HAS_LENGTHS"] = "_packed" in kernel
     if kernel.startswith("coop"):
-        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, COOPERATIVE=True)
+        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, SPLIT=num_warps, COOPERATIVE=True)
         if kernel.startswith("coop_bwd"):
             constexprs["W_CHUNK"] = w_chunk
     else:
@@ -241,7 +241,7 @@ def source_tags() -> dict:
         lines, first = inspect.getsourcelines(jit_fn.fn)
         return (os.path.basename(inspect.getsourcefile(jit_fn.fn)), first, first + len(lines) - 1)
 
-    return {"weights": [span(tiles.load_gate_tiles)],
+    return {"weights": [span(tiles.load_gate_tiles), span(tiles.load_split_gate_tiles)],
             "barrier": [span(cooperative._barrier_wait), span(cooperative._barrier_arrive)]}
 
 

@@ -112,9 +112,9 @@ BLOCK_U = 16
 _C = CoopConfig
 _K = 1024
 _LSTM_COOP = {128: _C(8, True, 192, 21 * _K), 256: _C(8, True, 208, 41 * _K),
-              512: _C(8, False, 200, 81 * _K), 1024: _C(8, False, 128, 161 * _K, w_chunk=128)}
+              512: _C(8, False, 200, 81 * _K), 1024: _C(8, False, 128, 161 * _K, w_chunk=512)}
 _GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K),
-             1024: _C(8, False, 128, 129 * _K, w_chunk=128)}
+             1024: _C(8, False, 128, 129 * _K, w_chunk=512)}
 # The RNN cells' builds with per-row lengths take more registers at some sizes (most of all any H:
 # 120, 122, 208 half; 111, 105 float32), the LSTM's and GRU's fewer: hence packed_registers.
 _RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K, packed_registers=120),

@@ -193,6 +193,7 @@ def _run_cooperative(kernel, variant, grid, T, direction, runs, constexprs, num_
     error flag and leaves, and this raises, rather than hang the GPU.
     """
     device = runs[0][0][0].device
+    constexprs = dict(constexprs, SPLIT=num_warps)  # the dot's K split over the program's warps
     steps = T if direction == "fwd" else T + 1
     cooperative = variant == "cooperative" and steps * grid[0] < 2 ** 31  # the barrier's int32 count
     concurrent = False

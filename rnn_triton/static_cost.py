@@ -96,8 +96,9 @@ _FWD = ("fwd", "coop_fwd")
 
 def _loop_roles(analysis):
     """(time loop, {child loop index: role}) of a SASS analysis: the time loop is the outermost loop
-    holding the most tensor-core work (or instructions); under it a loop with the barrier's poll is
-    "poll", a loop holding another loop or the tile's work is "tile", a loop inside a tile loop "chunk"."""
+    holding the most tensor-core work (or instructions); under it, at any depth, an innermost loop with
+    the barrier's poll and no tensor-core work is "poll"; a child of the time loop holding another loop
+    or the tile's work is "tile", a loop inside a tile loop with tensor-core work "chunk"."""
     loops = analysis["loops"]
     if not loops:
         return None, {}
@@ -109,11 +110,15 @@ def _loop_roles(analysis):
         return (sum(loops[d]["macs"] for d in subtree(k)), sum(loops[d]["count"]["total"] for d in subtree(k)))
 
     top = max((k for k, lp in enumerate(loops) if lp["parent"] is None), key=weight)
+
+    def poll(k):
+        return "barrier" in loops[k]["tags"] and not loops[k]["macs"] and not loops[k]["children"]
+
     roles = {}
     for c in loops[top]["children"]:
-        roles[c] = "poll" if "barrier" in loops[c]["tags"] and not loops[c]["macs"] else "tile"
+        roles[c] = "poll" if poll(c) else "tile"
         for d in subtree(c)[1:]:
-            roles[d] = "chunk" if loops[d]["macs"] else "inner"
+            roles[d] = "poll" if poll(d) else "chunk" if loops[d]["macs"] else "inner"
     return top, roles
 
 
