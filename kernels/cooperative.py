@@ -19,8 +19,8 @@ Backward, step s = 0 .. T (the forward's steps, last first; step T only finishes
 dr_k is the gradient of gate k's recurrent part: dxp's slots, except GRU's n-slot (dqn).
 
 The backward keeps its W_hh^T rows on chip (W_CHUNK = 0) or, where four gates' worth would spill
-(LSTM and GRU beyond H = 512), re-reads them every step in chunks of W_CHUNK columns through the cache:
-a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2.
+(LSTM and GRU at BLOCK_K = 1024), re-reads them every step, W_CHUNK columns at a time, via the cache:
+a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2. (Per-step cost: below.)
 
 Variable lengths (HAS_LENGTHS, a packed sequence), as in the tile-persistent loops: row b has length
 L_b, its forward step s is t = s (or L_b-1-s in reverse) while s < L_b, and its h_{t-1} is y at its own
@@ -44,8 +44,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import (load_slots, load_split_gate_tiles, row_offsets, row_steps, split_dot,
-                    split_k, step_offsets, store_slots)
+from .tiles import load_slots, load_split_gate_tiles, row_offsets, row_steps, split_dot, split_k, step_offsets, store_slots
 
 
 @triton.jit
@@ -76,6 +75,23 @@ def _rows_if(offs_b, B, cond):
     """offs_b < B where the scalar ``cond`` holds, else no row. (Folded into the bound because the
     interpreter types a boolean tile & a boolean scalar as int32, which a mask may not be.)"""
     return offs_b < tl.where(cond, B, 0)
+
+
+# How a step spends its time (read from the sm_90 SASS: ``python -m rnn_triton.static_cost``):
+#
+# - The dots are [BLOCK_U = 16 units, K] @ [K, 16 rows]. Triton splits a dot's M and N over the warps,
+#   so with M = 16 every warp would compute the whole product; instead K is split over the warps
+#   (``tiles.split_dot``: a batched dot over SPLIT = num_warps slices of K, then a sum), so each warp
+#   does 1/SPLIT of the product and of the W_hh reads.
+# - W_hh's tiles are loaded once. Where they take at most 64 registers per thread (half precision up to
+#   BLOCK_K = 512 for the LSTM, 2048 for the RNN) they stay in registers (``tiles._in_registers``);
+#   else in shared memory, read every step.
+# - The loads that do not depend on the other programs (xp; in the backward dy, dhn, the saved slots
+#   and states) are issued before the barrier's wait, so they are in flight while it waits.
+# - Early release: a program arrives at the barrier right after storing what the others read (h_t; in
+#   the backward the gate gradients); its carry, saved slots and cell state are stored after.
+# - Not yet: the sum over the K slices leaves every warp a copy of the [16, 16] result, and Triton runs
+#   the cell math on that copy (8x the MUFU work a step needs); K is padded to a power of two.
 
 
 @triton.jit

@@ -35,6 +35,55 @@ def load_gate_tiles(w_ptr, H, rows, mask_rows, cols, mask_cols, TRANSPOSE: tl.co
 
 
 @triton.jit
+def row_offsets(offs_b, stride_b, offs_h):
+    """Offsets of the [units, batch rows] tile within one step, b*stride_b + h, in 64 bits."""
+    return offs_b.to(tl.int64)[None, :] * tl.cast(stride_b, tl.int64) + offs_h[:, None]
+
+
+@triton.jit
+def step_offsets(t, stride_t, rows):
+    """``rows`` (from row_offsets) at step t: t*stride_t + rows, in 64 bits, since T*B*G*H passes
+    2^31 in long or wide runs. (tl.cast, not .to: Triton passes a size or stride of 1 as a constant.)"""
+    return tl.cast(t, tl.int64) * tl.cast(stride_t, tl.int64) + rows
+
+
+@triton.jit
+def load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
+    """NUM consecutive H-wide slots at ptr (a tile of pointers); unused slots repeat slot 0."""
+    s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if NUM > 1:
+        s1 = tl.load(ptr + H, mask=mask, other=0.0).to(ACC)
+        s2 = tl.load(ptr + 2 * H, mask=mask, other=0.0).to(ACC)
+    if NUM > 3:
+        s3 = tl.load(ptr + 3 * H, mask=mask, other=0.0).to(ACC)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def store_slots(ptr, H, mask, NUM: tl.constexpr, s0, s1, s2, s3):
+    tl.store(ptr, s0.to(ptr.dtype.element_ty), mask=mask)
+    if NUM > 1:
+        tl.store(ptr + H, s1.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + 2 * H, s2.to(ptr.dtype.element_ty), mask=mask)
+    if NUM > 3:
+        tl.store(ptr + 3 * H, s3.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_steps(s, lengths, reverse, T):
+    """Each batch row's time index at its s-th step, and whether it has an s-th step, as [1, BLOCK_B]
+    tiles: t = s, or length - 1 - s when reverse (a sequence shorter than T runs backwards from its own
+    last element, as torch.nn does with packed input); a row has a step while s < length.
+    t is clamped into [0, T) so that every address stays in bounds."""
+    t = s + reverse * (lengths - 1 - 2 * s)
+    t = tl.minimum(tl.maximum(t, 0), T - 1)
+    return t[None, :], (s < lengths)[None, :]
+
+
+@triton.jit
 def split_k(BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
     """K's indices split in SPLIT slices, [SPLIT, BLOCK_K // SPLIT]: slice s holds s * (BLOCK_K //
     SPLIT) ... (see ``split_dot``; a left operand takes them as [:, None, :], a right one as [:, :, None])."""
@@ -93,52 +142,3 @@ def split_dot(w, x, acc, PRECISION: tl.constexpr):
     products are summed. An [M, K] @ [K, N] dot with M = 16 would give every warp the whole product
     (warps split M and N only); this gives each warp a 1/SPLIT share of it."""
     return acc + tl.sum(tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION), axis=0)
-
-
-@triton.jit
-def row_offsets(offs_b, stride_b, offs_h):
-    """Offsets of the [units, batch rows] tile within one step, b*stride_b + h, in 64 bits."""
-    return offs_b.to(tl.int64)[None, :] * tl.cast(stride_b, tl.int64) + offs_h[:, None]
-
-
-@triton.jit
-def step_offsets(t, stride_t, rows):
-    """``rows`` (from row_offsets) at step t: t*stride_t + rows, in 64 bits, since T*B*G*H passes
-    2^31 in long or wide runs. (tl.cast, not .to: Triton passes a size or stride of 1 as a constant.)"""
-    return tl.cast(t, tl.int64) * tl.cast(stride_t, tl.int64) + rows
-
-
-@triton.jit
-def load_slots(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
-    """NUM consecutive H-wide slots at ptr (a tile of pointers); unused slots repeat slot 0."""
-    s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
-    s1 = s0
-    s2 = s0
-    s3 = s0
-    if NUM > 1:
-        s1 = tl.load(ptr + H, mask=mask, other=0.0).to(ACC)
-        s2 = tl.load(ptr + 2 * H, mask=mask, other=0.0).to(ACC)
-    if NUM > 3:
-        s3 = tl.load(ptr + 3 * H, mask=mask, other=0.0).to(ACC)
-    return s0, s1, s2, s3
-
-
-@triton.jit
-def store_slots(ptr, H, mask, NUM: tl.constexpr, s0, s1, s2, s3):
-    tl.store(ptr, s0.to(ptr.dtype.element_ty), mask=mask)
-    if NUM > 1:
-        tl.store(ptr + H, s1.to(ptr.dtype.element_ty), mask=mask)
-        tl.store(ptr + 2 * H, s2.to(ptr.dtype.element_ty), mask=mask)
-    if NUM > 3:
-        tl.store(ptr + 3 * H, s3.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def row_steps(s, lengths, reverse, T):
-    """Each batch row's time index at its s-th step, and whether it has an s-th step, as [1, BLOCK_B]
-    tiles: t = s, or length - 1 - s when reverse (a sequence shorter than T runs backwards from its own
-    last element, as torch.nn does with packed input); a row has a step while s < length.
-    t is clamped into [0, T) so that every address stays in bounds."""
-    t = s + reverse * (lengths - 1 - 2 * s)
-    t = tl.minimum(tl.maximum(t, 0), T - 1)
-    return t[None, :], (s < lengths)[None, :]

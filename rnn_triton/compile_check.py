@@ -241,7 +241,7 @@ def source_tags() -> dict:
         lines, first = inspect.getsourcelines(jit_fn.fn)
         return (os.path.basename(inspect.getsourcefile(jit_fn.fn)), first, first + len(lines) - 1)
 
-    return {"weights": [span(tiles.load_gate_tiles), span(tiles.load_split_gate_tiles)],
+    return {"weights": [span(tiles.load_gate_tiles)],
             "barrier": [span(cooperative._barrier_wait), span(cooperative._barrier_arrive)]}
 
 
@@ -343,8 +343,11 @@ def dispatcher_configs(probe: bool = False):
 def is_dispatcher_config(r) -> bool:
     from .dispatch import COOP_CONFIGS, TILE_CONFIGS
     if r.kernel.startswith("coop"):
+        from .dispatch import COOP_IEEE_FP32_MAX
         entry = COOP_CONFIGS.get((r.cell, getattr(torch, r.dtype)), {}).get(r.block_h)
-        return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h)
+        ieee_fp32 = r.dtype == "float32" and r.precision == "ieee"
+        return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h) and not (
+            ieee_fp32 and r.block_h > COOP_IEEE_FP32_MAX)
     from .dispatch import BIDIR_MULTIPLES_OF_16, PACKED_MULTIPLES_OF_16
     dtype = getattr(torch, r.dtype)
     entry = TILE_CONFIGS[(r.cell, dtype)].get(r.block_h)

@@ -111,25 +111,29 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_U = 16
 _C = CoopConfig
 _K = 1024
-_LSTM_COOP = {128: _C(8, True, 192, 21 * _K), 256: _C(8, True, 208, 41 * _K),
-              512: _C(8, False, 200, 81 * _K), 1024: _C(8, False, 128, 161 * _K, w_chunk=512)}
-_GRU_COOP = {256: _C(8, False, 168, 33 * _K), 512: _C(8, False, 200, 65 * _K),
-             1024: _C(8, False, 128, 129 * _K, w_chunk=512)}
-# The RNN cells' builds with per-row lengths take more registers at some sizes (most of all any H:
-# 120, 122, 208 half; 111, 105 float32), the LSTM's and GRU's fewer: hence packed_registers.
-_RNN_COOP_HALF = {256: _C(8, True, 96, 17 * _K, packed_registers=120),
-                  512: _C(8, True, 96, 33 * _K, packed_registers=128),
-                  1024: _C(8, True, 128, 65 * _K), 2048: _C(8, True, 200, 129 * _K, packed_registers=208)}
-_RNN_COOP_FP32 = {128: _C(4, True, 96, 17 * _K), 256: _C(8, True, 80, 33 * _K, packed_registers=112),
-                  512: _C(8, True, 96, 65 * _K, packed_registers=112), 1024: _C(8, True, 128, 129 * _K)}
+_LSTM_COOP = {128: _C(8, False, 176, 8 * _K), 256: _C(8, True, 232, 12 * _K),
+              512: _C(8, False, 240, 20 * _K, packed_registers=255),
+              1024: _C(8, False, 255, 160 * _K, w_chunk=512)}
+# bf16 at 256 spills (8 bytes, the forward): a bf16 GRU of H = 129..256 takes the 512 build.
+_GRU_COOP_FP16 = {256: _C(8, False, 184, 12 * _K), 512: _C(8, False, 232, 20 * _K),
+                  1024: _C(8, False, 192, 128 * _K, w_chunk=512)}
+_GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
+_RNN_COOP_HALF = {256: _C(8, True, 80, 12 * _K), 512: _C(8, True, 128, 20 * _K),
+                  1024: _C(8, True, 208, 36 * _K), 2048: _C(8, False, 208, 68 * _K)}
+_RNN_COOP_FP32 = {128: _C(4, True, 208, 16 * _K), 256: _C(8, True, 200, 32 * _K),
+                  512: _C(8, True, 120, 64 * _K), 1024: _C(8, True, 168, 128 * _K)}
+#: float32 in IEEE precision (``allow_tf32`` off) runs its dots on FMA, not tensor cores; the
+#: cooperative builds past this BLOCK_K spill there (sm_90 compile check), so those H fall back.
+COOP_IEEE_FP32_MAX = 256
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
-#: of two): CoopConfig}, read off the sm_90 compile check. Float32 LSTM and GRU spill at any size
-#: (no tensor-core dot); LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
+#: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
+#: check. Float32 LSTM and GRU are not built yet; LSTM and GRU backward at 1024 only fit with W_hh^T
+#: re-read per step (w_chunk).
 COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
-    ("GRU", torch.float16): _GRU_COOP,
-    ("GRU", torch.bfloat16): _GRU_COOP,
+    ("GRU", torch.float16): _GRU_COOP_FP16,
+    ("GRU", torch.bfloat16): _GRU_COOP_BF16,
     ("RNN_TANH", torch.float16): _RNN_COOP_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_COOP_HALF,
     ("RNN_TANH", torch.float32): _RNN_COOP_FP32,
@@ -251,8 +255,14 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
         packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16)
     if block_h in configs and (any_h or hidden_size % 16 == 0):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
-    coop = COOP_CONFIGS.get(key, {}).get(block_h)
-    if coop is None or not (coop.any_h or hidden_size % 16 == 0):
+    # the smallest cooperative configuration that takes this H (K padded further where a size's own
+    # build does not fit); float32 in IEEE precision on a GPU only up to COOP_IEEE_FP32_MAX
+    ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
+    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items()
+                  if bk >= block_h and (c.any_h or hidden_size % 16 == 0) and not (ieee and bk > COOP_IEEE_FP32_MAX))
+    coop = COOP_CONFIGS[key][fits[0]] if fits else None
+    block_h = fits[0] if fits else block_h
+    if coop is None:
         if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
             return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "
                               f"as a multiple of 16 (the tile-persistent kernel's build with lengths spills "

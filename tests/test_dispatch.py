@@ -35,6 +35,24 @@ def test_limits_per_dtype():
     assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
 
 
+def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
+    """bf16 GRU's cooperative build at BLOCK_K = 256 spills, so H = 129..256 pads K to 512 (multiples of
+    16, as that build takes); fp16's own 256 build fits. float32 past COOP_IEEE_FP32_MAX runs only with
+    TF32 (its IEEE builds spill)."""
+    h200 = dispatch.H200
+    bf16 = dispatch.choose("GRU", 256, torch.bfloat16, CUDA, props=h200).config
+    assert bf16.variant == "cooperative" and bf16.block_h == 512
+    assert dispatch.choose("GRU", 256, torch.float16, CUDA, props=h200).config.block_h == 256
+    assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton
+    # LSTM at BLOCK_K = 128 takes multiples of 16 only: H = 100 pads to the 256 build, which takes any H
+    assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert dispatch.choose("RNN_TANH", 1024, torch.float32, CUDA, props=h200).uses_triton
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert dispatch.choose("RNN_TANH", 256, torch.float32, CUDA, props=h200).uses_triton
+    assert not dispatch.choose("RNN_TANH", 512, torch.float32, CUDA, props=h200).uses_triton
+
+
 def test_device_and_dtype_rules(monkeypatch):
     assert not dispatch.choose("LSTM", 16, torch.float64, CUDA).uses_triton or \
         os.environ.get("TRITON_INTERPRET") == "1"
