@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_slots, load_split_gate_tiles, row_offsets, row_steps, split_dot, split_k, step_offsets, store_slots
+from .tiles import (load_slots_at_once, load_split_gate_tiles, load_split_stacked_tiles, row_offsets, row_steps,
+                    split_dot, split_k, split_slots, step_offsets, store_slots)
 
 
 @triton.jit
@@ -87,7 +88,11 @@ def _rows_if(offs_b, B, cond):
 #   BLOCK_K = 512 for the LSTM, 2048 for the RNN) they stay in registers (``tiles._in_registers``);
 #   else in shared memory, read every step.
 # - The loads that do not depend on the other programs (xp; in the backward dy, dhn, the saved slots
-#   and states) are issued before the barrier's wait, so they are in flight while it waits.
+#   and states) are issued before the barrier's wait, so they are in flight while it waits. A
+#   tensor's gate slots come in one load (``tiles.load_slots_at_once``): separate small loads each
+#   wait for their own layout conversion through shared memory, one round trip after another.
+# - The backward sums over the gates in the dot itself: W_k^T's tiles side by side along K
+#   (``tiles.load_split_stacked_tiles``) against the gate gradients read in one load.
 # - Early release: a program arrives at the barrier right after storing what the others read (h_t; in
 #   the backward the gate gradients); its carry, saved slots and cell state are stored after.
 # - Not yet: the sum over the K slices leaves every warp a copy of the [16, 16] result, and Triton runs
@@ -151,9 +156,9 @@ def cooperative_fwd_kernel(
             state_offs = row_offsets(offs_b, H, offs_u)
             # Its units' input projection is loaded before the wait, in flight while the other programs
             # finish the step.
-            x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t,
-                                                              row_offsets(offs_b, stride_xp_b, offs_u)),
-                                        H, mask, NUM_GATES, ACC)
+            x0, x1, x2, x3 = load_slots_at_once(xp_ptr + step_offsets(t, stride_xp_t,
+                                                                      row_offsets(offs_b, stride_xp_b, offs_u)),
+                                                H, mask, NUM_GATES, ACC)
             if COOPERATIVE and tile == group:  # everyone's h_{t-1} is published
                 alive = _barrier_wait(counter, s * num_units, max_spins)
                 tl.store(error_ptr, 1, mask=alive == 0)
@@ -211,31 +216,19 @@ def cooperative_fwd_kernel(
 
 
 @triton.jit
-def _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, offs_b, rows, offs_j,
-            mask_j, H, CELL: tl.constexpr, NUM_GATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """sum_k w_k @ dr_k[t][units j] (t: [1, rows]) (w_k: [SPLIT, units, j] tiles of W_k^T, j split as offs_j
-    [SPLIT, j, 1]): the part of dLoss/dh_{t-1} that flows through the units j of every gate, as
-    ``split_dot`` does, with the gates' partial products summed in the same [SPLIT, units, rows]
-    accumulator before the one sum over the slices. dr_k: dxp's slots, GRU's n-slot from dqn. Other
-    programs wrote most of it: read from L2."""
-    b3 = offs_b[None, None, :]
-    mask = mask_j & rows[None, None, :]
-    offs = tl.cast(t, tl.int64)[:, None, :] * tl.cast(stride_t, tl.int64) + (b3.to(tl.int64) * stride_b + offs_j)
-    dr = tl.load(dxp_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    acc = tl.dot(w0, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
-    if NUM_GATES > 1:
-        dr = tl.load(dxp_ptr + offs + H, mask=mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(w1, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
-        if CELL == GRU:
-            offs_q = tl.cast(t, tl.int64)[:, None, :] * state_stride_t + (b3.to(tl.int64) * H + offs_j)
-            dr = tl.load(dqn_ptr + offs_q, mask=mask, other=0.0, cache_modifier=".cg")
-        else:
-            dr = tl.load(dxp_ptr + offs + 2 * H, mask=mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(w2, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
-    if NUM_GATES > 3:
-        dr = tl.load(dxp_ptr + offs + 3 * H, mask=mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(w3, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
+def _gather(w, w_n, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, offs_b, rows, H, k0,
+            BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, CELL: tl.constexpr, SLOTS: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """sum_k W_k[:, j]^T @ dr_k[t][j] over the gates k, for the units j = k0 .. k0 + BLOCK_K (t: [1,
+    rows]): the part of dLoss/dh_{t-1} that flows through them, as ``split_dot`` computes a product.
+    w: the tiles of W_k^T[units, j] of the gates k < SLOTS side by side along K
+    (``tiles.load_split_stacked_tiles``), whose dr_k are dxp's slots, read in one load; GRU's n-gate
+    (w_n) takes its dr from dqn. Other programs wrote dr: read from L2."""
+    dr = split_slots(dxp_ptr, t, stride_t, offs_b, stride_b, rows, H, k0, BLOCK_K, SPLIT, SLOTS)
+    acc = tl.dot(w, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+    if CELL == GRU:
+        dq = split_slots(dqn_ptr, t, state_stride_t, offs_b, H, rows, H, k0, BLOCK_K, SPLIT, 1)
+        acc = tl.dot(w_n, dq.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
     return tl.sum(acc, axis=0)
 
 
@@ -270,10 +263,14 @@ def cooperative_bwd_kernel(
     mask_u = offs_u < H
     # W_k[:, units]^T = W_k^T[units, :], read row-major from W_hh's per-gate transpose: the same
     # access as the forward's.
+    # The gates whose gradients are dxp's slots, side by side along K (GRU's n-gate apart: dqn's).
+    SLOTS: tl.constexpr = 2 if CELL == GRU else NUM_GATES
     if W_CHUNK == 0:
-        offs_k = split_k(BLOCK_K, SPLIT)[:, :, None]
-        w0, w1, w2, w3 = load_split_gate_tiles(w_t_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
-                                               DOT_DTYPE, True)
+        w = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, SLOTS, DOT_DTYPE, True)
+        w_n = w
+        if CELL == GRU:
+            w_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, 1, DOT_DTYPE,
+                                           True)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
     counter = sync_ptr + group
@@ -315,9 +312,9 @@ def cooperative_bwd_kernel(
             dh = tl.load(dhn_ptr + state_offs, mask=mask_u[:, None] & rows_hn[None, :], other=0.0).to(ACC)
             dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, row_offsets(offs_b, stride_dy_b, offs_u)),
                           mask=step, other=0.0).to(ACC)
-            s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t,
-                                                                 row_offsets(offs_b, NUM_SAVED * H, offs_u)),
-                                        H, step, NUM_SAVED, ACC)
+            s0, s1, s2, s3 = load_slots_at_once(saved_ptr + step_offsets(t, saved_stride_t,
+                                                                         row_offsets(offs_b, NUM_SAVED * H, offs_u)),
+                                                H, step, NUM_SAVED, ACC)
             state0 = tl.zeros([BLOCK_U, BLOCK_B], ACC)  # the state before the first step
             if HAS_H0:
                 if CELL == LSTM:
@@ -342,17 +339,18 @@ def cooperative_bwd_kernel(
             # dh += sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
             t_rows = t_next + tl.zeros([1, BLOCK_B], tl.int32)  # per row, with lengths or without
             if W_CHUNK == 0:
-                dh += _gather(w0, w1, w2, w3, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
-                              state_stride_t, offs_b, rows_prev, offs_k, offs_k < H, H, CELL, NUM_GATES,
-                              DOT_DTYPE, ACC, PRECISION)
+                dh += _gather(w, w_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t, offs_b,
+                              rows_prev, H, 0, BLOCK_K, SPLIT, CELL, SLOTS, DOT_DTYPE, ACC, PRECISION)
             else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
                 for k0 in range(0, H, W_CHUNK):
-                    offs_c = k0 + split_k(W_CHUNK, SPLIT)[:, :, None]
-                    c0_, c1_, c2_, c3_ = load_split_gate_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT,
-                                                               NUM_GATES, DOT_DTYPE, False)
-                    dh += _gather(c0_, c1_, c2_, c3_, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
-                                  state_stride_t, offs_b, rows_prev, offs_c, offs_c < H, H, CELL, NUM_GATES,
-                                  DOT_DTYPE, ACC, PRECISION)
+                    c = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, SLOTS, DOT_DTYPE,
+                                                 False)
+                    c_n = c
+                    if CELL == GRU:
+                        c_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, 1,
+                                                       DOT_DTYPE, False)
+                    dh += _gather(c, c_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t,
+                                  offs_b, rows_prev, H, k0, W_CHUNK, SPLIT, CELL, SLOTS, DOT_DTYPE, ACC, PRECISION)
             if CELL == GRU:
                 dh += carry
             d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, carry, s0, s1, s2, s3, c_new, prev,

@@ -142,3 +142,51 @@ def split_dot(w, x, acc, PRECISION: tl.constexpr):
     products are summed. An [M, K] @ [K, N] dot with M = 16 would give every warp the whole product
     (warps split M and N only); this gives each warp a 1/SPLIT share of it."""
     return acc + tl.sum(tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION), axis=0)
+
+
+@triton.jit
+def load_slots_at_once(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
+    """``load_slots`` in one load: a [units, rows, 4] tile of the NUM slots, split into them. One
+    load is one round trip, where separate loads each wait for their layout conversion; and a tile
+    with more elements than the program has threads gives the math that follows it its layout."""
+    if NUM == 1:
+        s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+        return s0, s0, s0, s0
+    else:
+        g = tl.arange(0, 4)[None, None, :]
+        x = tl.load(ptr[:, :, None] + g * H, mask=mask[:, :, None] & (g < NUM), other=0.0).to(ACC)
+        even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))  # slots 0, 2 and 1, 3
+        s0, s2 = tl.split(even)
+        s1, s3 = tl.split(odd)
+        return s0, s1, s2, s3
+
+
+@triton.jit
+def load_split_stacked_tiles(w_ptr, H, rows, mask_rows, k0, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                             SLOTS: tl.constexpr, DOT_DTYPE: tl.constexpr, KEPT: tl.constexpr):
+    """The tiles W_k[rows, k0 : k0 + BLOCK_K] of gates k < SLOTS of W_hh [*, H] side by side along K,
+    split for ``split_dot``: [SPLIT, rows, SLOTS * BLOCK_K // SPLIT], slice s holding, gate after gate,
+    the columns s * (BLOCK_K // SPLIT) ... of each. One dot with it sums the gates' products
+    (``split_slots`` loads its right operand). KEPT and registers: as ``load_split_gate_tiles``."""
+    KS: tl.constexpr = BLOCK_K // SPLIT
+    k = k0 + split_k(BLOCK_K, SPLIT)[:, None, None, :]
+    offs = tl.arange(0, SLOTS)[None, None, :, None] * H * H + rows[None, :, None, None] * H + k
+    w = tl.load(w_ptr + offs, mask=mask_rows[None, :, None, None] & (k < H), other=0.0).to(DOT_DTYPE)
+    IN_REGS: tl.constexpr = KEPT and (SLOTS * rows.shape[0] * BLOCK_K * DOT_DTYPE.primitive_bitwidth
+                                      <= 64 * 32 * 32 * SPLIT)
+    return _in_registers(tl.reshape(w, [SPLIT, rows.shape[0], SLOTS * KS]), IN_REGS)
+
+
+@triton.jit
+def split_slots(ptr, t, stride_t, offs_b, stride_b, rows, H, k0, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                SLOTS: tl.constexpr):
+    """The right operand to ``load_split_stacked_tiles``' left: slots k < SLOTS (H apart) of all units
+    of a [T, B, *] tensor at step t ([1, rows] per row), [SPLIT, SLOTS * BLOCK_K // SPLIT, rows], in
+    one load (one round trip for all the slots). Rows where ``rows`` is false read zeros."""
+    KS: tl.constexpr = BLOCK_K // SPLIT
+    k = k0 + split_k(BLOCK_K, SPLIT)[:, None, :, None]
+    b = offs_b[None, None, None, :]
+    offs = (tl.cast(t, tl.int64)[:, None, None, :] * tl.cast(stride_t, tl.int64) + b.to(tl.int64) * stride_b
+            + tl.arange(0, SLOTS)[None, :, None, None] * H + k)
+    x = tl.load(ptr + offs, mask=(k < H) & rows[None, None, None, :], other=0.0, cache_modifier=".cg")
+    return tl.reshape(x, [SPLIT, SLOTS * KS, x.shape[3]])

@@ -233,15 +233,16 @@ def mma_layouts(ttgir: str) -> list:
 
 
 def source_tags() -> dict:
-    """Source spans the SASS analysis tags: "weights" (the W_hh tile loads: a global load of these
-    inside a time loop re-reads W_hh) and "barrier" (the grid barrier's arrive and wait)."""
+    """Source spans the SASS analysis tags: "weights" (the W_hh tile loads of every kernel: a global load of
+    these inside a time loop re-reads W_hh) and "barrier" (the grid barrier's arrive and wait)."""
     from .kernels import cooperative, tiles
 
     def span(jit_fn):
         lines, first = inspect.getsourcelines(jit_fn.fn)
         return (os.path.basename(inspect.getsourcefile(jit_fn.fn)), first, first + len(lines) - 1)
 
-    return {"weights": [span(tiles.load_gate_tiles)],
+    return {"weights": [span(tiles.load_gate_tiles), span(tiles.load_split_gate_tiles),
+                        span(tiles.load_split_stacked_tiles)],
             "barrier": [span(cooperative._barrier_wait), span(cooperative._barrier_arrive)]}
 
 

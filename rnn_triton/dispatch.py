@@ -262,6 +262,10 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
                   if bk >= block_h and (c.any_h or hidden_size % 16 == 0) and not (ieee and bk > COOP_IEEE_FP32_MAX))
     coop = COOP_CONFIGS[key][fits[0]] if fits else None
     block_h = fits[0] if fits else block_h
+    if coop is None and ieee and block_h <= max_hidden(cell, dtype, hidden_size % 16 == 0):
+        return Plan(None, f"hidden_size={hidden_size} for {cell} in float32 runs in IEEE precision "
+                          f"(torch.backends.cudnn.allow_tf32 is off) only up to {COOP_IEEE_FP32_MAX}: the "
+                          f"larger IEEE builds spill; with allow_tf32 (TF32 dots) the kernels take it")
     if coop is None:
         if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
             return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "

@@ -152,9 +152,11 @@ def _expected(props, cell, dtype, H, B, packed=False, directions=1):
                                           if h > dispatch.max_hidden(c, d, variant="tile-persistent")])
 @pytest.mark.parametrize("B", [1, 64])
 @pytest.mark.parametrize("packed,directions", [(False, 1), (True, 1), (False, 2)])
-def test_dispatcher_capacity_model(props, cell, dtype, H, B, packed, directions):
+def test_dispatcher_capacity_model(props, cell, dtype, H, B, packed, directions, monkeypatch):
     """Packed input (per-row lengths) takes the same variants, counted with its builds' registers; a
-    bidirectional layer's two grids share the GPU where both fit."""
+    bidirectional layer's two grids share the GPU where both fit. (float32 with TF32, cuDNN's default:
+    IEEE float32 stops at dispatch.COOP_IEEE_FP32_MAX.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     plan = dispatch.choose(cell, H, dtype, CUDA, batch=B, props=props, packed=packed, directions=directions)
     assert plan.uses_triton, plan.reason
     variant, groups = _expected(props, cell, dtype, H, B, packed, directions)

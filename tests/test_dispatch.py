@@ -50,7 +50,8 @@ def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     assert dispatch.choose("RNN_TANH", 1024, torch.float32, CUDA, props=h200).uses_triton
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert dispatch.choose("RNN_TANH", 256, torch.float32, CUDA, props=h200).uses_triton
-    assert not dispatch.choose("RNN_TANH", 512, torch.float32, CUDA, props=h200).uses_triton
+    plan = dispatch.choose("RNN_TANH", 512, torch.float32, CUDA, props=h200)
+    assert not plan.uses_triton and "allow_tf32" in plan.reason
 
 
 def test_device_and_dtype_rules(monkeypatch):
@@ -104,8 +105,11 @@ def _check_cooperative_results(results):
     for (cell, dtype), table in dispatch.COOP_CONFIGS.items():
         name = str(dtype).replace("torch.", "")
         mine = [r for r in results if r["kernel"].startswith("coop") and r["cell"] == cell and r["dtype"] == name]
-        chosen = [r for r in mine if r["block_h"] in table and (r["aligned"] or table[r["block_h"]].any_h)]
+        chosen = [r for r in mine if compile_check.is_dispatcher_config(compile_check.Result(
+            **{k: v for k, v in r.items() if k != "ok"}))]  # IEEE float32 only to COOP_IEEE_FP32_MAX
         assert len(chosen) >= 4 * len(table) and all(r["ok"] for r in chosen), [r for r in chosen if not r["ok"]]
+        ieee = [r for r in mine if r["precision"] == "ieee" and r["block_h"] > dispatch.COOP_IEEE_FP32_MAX]
+        assert name != "float32" or any(not r["ok"] for r in ieee), "IEEE float32 fits past its limit: raise it"
         for r in chosen:
             declared = table[r["block_h"]]
             registers = declared.registers_for(r["kernel"].endswith("_packed"))
