@@ -111,17 +111,19 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_U = 16
 _C = CoopConfig
 _K = 1024
-_LSTM_COOP = {128: _C(8, False, 176, 8 * _K), 256: _C(8, True, 232, 12 * _K),
-              512: _C(8, False, 240, 20 * _K, packed_registers=255),
+# (No 128 build: the tile kernel takes multiples of 16 up to 128, and the bf16 build spills; other H
+# in (64, 128] take the 256 build.)
+_LSTM_COOP = {256: _C(8, True, 240, 32 * _K), 512: _C(8, False, 248, 32 * _K, packed_registers=255),
               1024: _C(8, False, 255, 160 * _K, w_chunk=512)}
 # bf16 at 256 spills (8 bytes, the forward): a bf16 GRU of H = 129..256 takes the 512 build.
-_GRU_COOP_FP16 = {256: _C(8, False, 184, 12 * _K), 512: _C(8, False, 232, 20 * _K),
-                  1024: _C(8, False, 192, 128 * _K, w_chunk=512)}
+_GRU_COOP_FP16 = {256: _C(8, False, 216, 16 * _K), 512: _C(8, False, 240, 32 * _K),
+                  1024: _C(8, False, 248, 128 * _K, w_chunk=512)}
 _GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
-_RNN_COOP_HALF = {256: _C(8, True, 80, 12 * _K), 512: _C(8, True, 128, 20 * _K),
+_RNN_COOP_HALF = {256: _C(8, True, 104, 12 * _K), 512: _C(8, True, 128, 20 * _K),
                   1024: _C(8, True, 208, 36 * _K), 2048: _C(8, False, 208, 68 * _K)}
+# float32 at 1024: the tanh RNN's backward with W_hh^T on chip spills (16 bytes), so both re-read it.
 _RNN_COOP_FP32 = {128: _C(4, True, 208, 16 * _K), 256: _C(8, True, 200, 32 * _K),
-                  512: _C(8, True, 120, 64 * _K), 1024: _C(8, True, 168, 128 * _K)}
+                  512: _C(8, True, 120, 64 * _K), 1024: _C(8, True, 168, 128 * _K, w_chunk=512)}
 #: float32 in IEEE precision (``allow_tf32`` off) runs its dots on FMA, not tensor cores; the
 #: cooperative builds past this BLOCK_K spill there (sm_90 compile check), so those H fall back.
 COOP_IEEE_FP32_MAX = 256

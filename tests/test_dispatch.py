@@ -44,7 +44,7 @@ def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     assert bf16.variant == "cooperative" and bf16.block_h == 512
     assert dispatch.choose("GRU", 256, torch.float16, CUDA, props=h200).config.block_h == 256
     assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton
-    # LSTM at BLOCK_K = 128 takes multiples of 16 only: H = 100 pads to the 256 build, which takes any H
+    # no cooperative LSTM build at 128 (the tile kernel takes its multiples of 16): H = 100 runs the 256 one
     assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert dispatch.choose("RNN_TANH", 1024, torch.float32, CUDA, props=h200).uses_triton
