@@ -114,6 +114,7 @@ def cooperative_fwd_kernel(
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
@@ -123,11 +124,10 @@ def cooperative_fwd_kernel(
     num_tiles = tl.cdiv(B, BLOCK_B)
     last_tile = group + (num_tiles - 1 - group) // num_groups * num_groups  # this program's last
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)  # this program's units
-    offs_k = split_k(BLOCK_K, SPLIT)[:, :, None]       # all units, as the dot's K, in SPLIT slices
     mask_u = offs_u < H
-    mask_k = offs_k < H
-    w0, w1, w2, w3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
-                                           DOT_DTYPE, True)
+    if W_CHUNK == 0:  # W_hh's rows of the program's units kept on chip (else re-read every step)
+        w0, w1, w2, w3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
+                                               DOT_DTYPE, True)
     b_hn = tl.zeros([BLOCK_U, 1], ACC)
     if CELL == GRU:
         b_hn += tl.load(b_hn_ptr + offs_u[:, None], mask=mask_u[:, None], other=0.0).to(ACC)
@@ -165,37 +165,28 @@ def cooperative_fwd_kernel(
             # The carry after the wait: the wait's CTA barrier orders this program's store of it (after
             # the last arrival) before this load, whichever threads the two layouts give each element.
             carry = tl.load(carry_ptr + state_offs, mask=mask, other=0.0)
-            # h_{t-1} of all units, [SPLIT, K/SPLIT, BLOCK_B]: y[t-1], or h0 at the first step (one
-            # load: two loads summed would keep the whole tile in registers). Other programs wrote most
-            # of it: read it from L2.
+            # a_k = xp_k + W_k @ h_{t-1} (GRU's n-gate: b_hn + W_n @ h_{t-1}, which r multiplies)
             first = s == 0
-            b3 = offs_b[None, None, :]
-            mask_prev = mask_k & _rows_if(b3, B, HAS_H0 | (s > 0))
+            rows_prev = _rows_if(offs_b, B, HAS_H0 | (s > 0))
             if HAS_LENGTHS:
-                h_prev_ptr = tl.where(first, h0_ptr, y_ptr)
-                h_prev_offs = step_offsets(t_prev[:, None, :], tl.where(first, 0, stride_y_t),
-                                           b3.to(tl.int64) * tl.where(first, H, stride_y_b) + offs_k)
-                mask_prev = mask_k & (_rows_if(b3, B, HAS_H0 | (s > 0)) & rows[None, None, :])
-                h_all = tl.load(h_prev_ptr + h_prev_offs, mask=mask_prev, other=0.0,
-                                cache_modifier=".cg")
-            else:
-                h_prev_ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
-                h_prev_stride = tl.where(first, H, stride_y_b)
-                h_all = tl.load(h_prev_ptr + (b3.to(tl.int64) * h_prev_stride + offs_k), mask=mask_prev,
-                                other=0.0, cache_modifier=".cg")
-            h_all = h_all.to(DOT_DTYPE)
-            a0 = split_dot(w0, h_all, x0, PRECISION)
-            a1 = a0
-            a2 = a0
-            a3 = a0
-            if NUM_GATES > 1:
-                a1 = split_dot(w1, h_all, x1, PRECISION)
-                if CELL == GRU:  # q = h @ W_n^T + b_hn, which r multiplies
-                    a2 = split_dot(w2, h_all, tl.zeros([BLOCK_U, BLOCK_B], ACC) + b_hn, PRECISION)
-                else:
-                    a2 = split_dot(w2, h_all, x2, PRECISION)
-            if NUM_GATES > 3:
-                a3 = split_dot(w3, h_all, x3, PRECISION)
+                rows_prev = rows_prev & rows
+            a2 = x2
+            if CELL == GRU:
+                a2 = tl.zeros([BLOCK_U, BLOCK_B], ACC) + b_hn
+            if W_CHUNK == 0:
+                h_all = _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows_prev, H, 0,
+                                BLOCK_K, SPLIT, HAS_LENGTHS).to(DOT_DTYPE)
+                a0, a1, a2, a3 = _gate_dots(w0, w1, w2, w3, h_all, x0, x1, a2, x3, NUM_GATES, PRECISION)
+            else:  # W_k[units, :] from the cache, W_CHUNK columns at a time
+                a0 = x0
+                a1 = x1
+                a3 = x3
+                for k0 in range(0, H, W_CHUNK):
+                    c0, c1, c2, c3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT,
+                                                           NUM_GATES, DOT_DTYPE, False)
+                    h_all = _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows_prev, H,
+                                    k0, W_CHUNK, SPLIT, HAS_LENGTHS).to(DOT_DTYPE)
+                    a0, a1, a2, a3 = _gate_dots(c0, c1, c2, c3, h_all, a0, a1, a2, a3, NUM_GATES, PRECISION)
             h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, 0.0, carry, carry)  # b_hn is in a2
             y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
             tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -371,3 +362,40 @@ def cooperative_bwd_kernel(
             if CELL == LSTM:
                 tl.store(carry_ptr + state_offs, dc, mask=step)
         s += 1
+
+
+@triton.jit
+def _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows, H, k0, BLOCK_K: tl.constexpr,
+            SPLIT: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """h_{t-1} of the units k0 .. k0 + BLOCK_K as the dot's right operand, [SPLIT, BLOCK_K // SPLIT,
+    BLOCK_B] (``split_dot``): y[t_prev], or h0 at the first step, zero where ``rows`` is false (t_prev:
+    a scalar, or [1, BLOCK_B] per row with lengths). One load: two loads summed would keep the whole
+    tile in registers. Other programs wrote most of it: read from L2 (``.cg``)."""
+    k = k0 + split_k(BLOCK_K, SPLIT)[:, :, None]
+    b = offs_b[None, None, :]
+    mask = (k < H) & rows[None, None, :]
+    if HAS_LENGTHS:
+        ptr = tl.where(first, h0_ptr, y_ptr)
+        offs = step_offsets(t_prev[:, None, :], tl.where(first, 0, stride_y_t),
+                            b.to(tl.int64) * tl.where(first, H, stride_y_b) + k)
+    else:
+        ptr = tl.where(first, h0_ptr, y_ptr + tl.cast(t_prev, tl.int64) * stride_y_t)
+        offs = b.to(tl.int64) * tl.where(first, H, stride_y_b) + k
+    return tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _gate_dots(w0, w1, w2, w3, h, a0, a1, a2, a3, NUM_GATES: tl.constexpr, PRECISION: tl.constexpr):
+    """a_k + W_k @ h for the NUM_GATES gates (``split_dot``); the other slots repeat a0."""
+    a0 = split_dot(w0, h, a0, PRECISION)
+    if NUM_GATES > 1:
+        a1 = split_dot(w1, h, a1, PRECISION)
+        a2 = split_dot(w2, h, a2, PRECISION)
+    else:
+        a1 = a0
+        a2 = a0
+    if NUM_GATES > 3:
+        a3 = split_dot(w3, h, a3, PRECISION)
+    else:
+        a3 = a0
+    return a0, a1, a2, a3

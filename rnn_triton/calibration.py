@@ -175,7 +175,7 @@ def own_anchor() -> list:
         e = json.loads(path.read_text())
         b = e["build"]
         r = SimpleNamespace(kernel=kernel, num_warps=b["num_warps"])
-        chunks = -(-a["H"] // b["w_chunk"]) if kernel == "coop_bwd" and b["w_chunk"] else 1
+        chunks = -(-a["H"] // b["w_chunk"]) if kernel.startswith("coop") and b["w_chunk"] else 1
         programs = -(-a["H"] // b["block_u"])
         cost = static_cost.step_cycles(r, static_cost.step_counts(e["sass"], 1, chunks), programs, 2)
         us = lambda c: c / (static_cost.CLOCK_GHZ * 1e3)  # noqa: E731

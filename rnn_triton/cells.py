@@ -103,7 +103,9 @@ class _TritonCell:
             if runtime.strict():
                 super().forward(input, hx)  # input torch.nn rejects: its own error, as without strict mode
                 raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
-            return super().forward(input, hx)
+            out = super().forward(input, hx)
+            runtime.warn_fallback(self, plan.reason)  # after: what torch.nn rejects raises, unwarned
+            return out
         is_lstm = self._cell == "LSTM"
         batched = input.dim() == 2
         h = c = None

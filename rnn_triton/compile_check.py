@@ -74,8 +74,8 @@ class Result:
         if self.error or self.spill_bytes or self.shared_bytes > SM90_SHARED_LIMIT:
             return False
         if self.kernel.startswith("coop"):  # within what the capacity model assumes
-            from .dispatch import COOP_CONFIGS
-            declared = COOP_CONFIGS.get((self.cell, getattr(torch, self.dtype)), {}).get(self.block_h)
+            from .dispatch import coop_config
+            declared = coop_config(self.cell, getattr(torch, self.dtype), self.block_h, self.precision)
             return declared is None or (self.registers <= declared.registers_for(self.kernel.endswith("_packed"))
                                         and self.shared_bytes <= declared.shared_bytes)
         return True
@@ -121,15 +121,13 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     # "_packed": with per-row lengths (PackedSequence input), a heavier build
     constexprs["HAS_LENGTHS"] = "_packed" in kernel
     if kernel.startswith("coop"):
-        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, SPLIT=num_warps, COOPERATIVE=True)
-        if kernel.startswith("coop_bwd"):
-            constexprs["W_CHUNK"] = w_chunk
+        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, SPLIT=num_warps, COOPERATIVE=True, W_CHUNK=w_chunk)
     else:
         constexprs.update(BLOCK_H=block_h, DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
     if "fwd" in kernel:
         constexprs["SAVE"] = True
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
-                 aligned, precision, block_u, w_chunk if kernel.startswith("coop_bwd") else 0)
+                 aligned, precision, block_u, w_chunk if kernel.startswith("coop") else 0)
     unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
     return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps, cached=cached)
 
@@ -332,23 +330,23 @@ def dispatcher_configs(probe: bool = False):
             if not table[top].any_h:
                 entries.append((top, table[top], (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for block_k, c, alignments in entries:
+        for block_k, entry, alignments in entries:
             for kernel in ("coop_fwd", "coop_bwd", "coop_fwd_packed", "coop_bwd_packed"):
                 for aligned in alignments:
                     for precision in precisions:
+                        c = entry.ieee if precision == "ieee" and entry.ieee else entry
                         configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, aligned, precision,
-                                        BLOCK_U, c.w_chunk))
+                                        BLOCK_U, c.w_chunk if "bwd" in kernel else c.fwd_chunk))
     return configs
 
 
 def is_dispatcher_config(r) -> bool:
     from .dispatch import COOP_CONFIGS, TILE_CONFIGS
     if r.kernel.startswith("coop"):
-        from .dispatch import COOP_IEEE_FP32_MAX
-        entry = COOP_CONFIGS.get((r.cell, getattr(torch, r.dtype)), {}).get(r.block_h)
-        ieee_fp32 = r.dtype == "float32" and r.precision == "ieee"
-        return entry is not None and entry.num_warps == r.num_warps and (r.aligned or entry.any_h) and not (
-            ieee_fp32 and r.block_h > COOP_IEEE_FP32_MAX)
+        from .dispatch import coop_config
+        c = coop_config(r.cell, getattr(torch, r.dtype), r.block_h, r.precision)
+        return c is not None and c.num_warps == r.num_warps and (r.aligned or c.any_h) and r.w_chunk == (
+            c.w_chunk if "bwd" in r.kernel else c.fwd_chunk)
     from .dispatch import BIDIR_MULTIPLES_OF_16, PACKED_MULTIPLES_OF_16
     dtype = getattr(torch, r.dtype)
     entry = TILE_CONFIGS[(r.cell, dtype)].get(r.block_h)

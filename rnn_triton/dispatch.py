@@ -96,6 +96,8 @@ class CoopConfig:
     shared_bytes: int   # per program
     w_chunk: int = 0    # backward: 0 keeps W_hh^T on chip; else re-read per step, this many columns at a time
     packed_registers: int = 0  # per thread with per-row lengths (builds *_packed), where more than registers
+    fwd_chunk: int = 0  # forward: as w_chunk, for W_hh
+    ieee: Optional["CoopConfig"] = None  # float32 with allow_tf32 off (dots on FMA) runs this one instead
 
     def registers_for(self, packed: bool) -> int:
         """Registers per thread of the builds a call runs: with per-row lengths (PackedSequence input)
@@ -121,21 +123,37 @@ _GRU_COOP_FP16 = {256: _C(8, False, 216, 16 * _K), 512: _C(8, False, 240, 32 * _
 _GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
 _RNN_COOP_HALF = {256: _C(8, True, 104, 12 * _K), 512: _C(8, True, 128, 20 * _K),
                   1024: _C(8, True, 208, 36 * _K), 2048: _C(8, False, 208, 68 * _K)}
-# float32 at 1024: the tanh RNN's backward with W_hh^T on chip spills (16 bytes), so both re-read it.
+# float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
+# torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds spill
+# with a whole tile at once and so re-read W_hh (the forward past 256) and W_hh^T (the backward) in
+# chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
+# The tanh RNN's backward at 1024 with W_hh^T on chip spills (16 bytes): re-read there in TF32 too.
 _RNN_COOP_FP32 = {128: _C(4, True, 208, 16 * _K), 256: _C(8, True, 200, 32 * _K),
-                  512: _C(8, True, 120, 64 * _K), 1024: _C(8, True, 168, 128 * _K, w_chunk=512)}
-#: float32 in IEEE precision (``allow_tf32`` off) runs its dots on FMA, not tensor cores; the
-#: cooperative builds past this BLOCK_K spill there (sm_90 compile check), so those H fall back.
-COOP_IEEE_FP32_MAX = 256
+                  512: _C(8, True, 120, 64 * _K, ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
+                  1024: _C(8, True, 168, 128 * _K, w_chunk=512,
+                           ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
+                  2048: _C(8, True, 208, 128 * _K, w_chunk=512, fwd_chunk=512,
+                           ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256))}
+_LSTM_COOP_FP32 = {128: _C(4, True, 190, 48 * _K, ieee=_C(4, True, 231, 40 * _K, w_chunk=64)),
+                   256: _C(8, True, 182, 96 * _K, ieee=_C(8, True, 225, 80 * _K, w_chunk=128)),
+                   512: _C(8, True, 240, 192 * _K, ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256)),
+                   1024: _C(8, True, 252, 80 * _K, w_chunk=256, fwd_chunk=256,
+                            ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256))}
+_GRU_COOP_FP32 = {128: _C(4, True, 220, 40 * _K, ieee=_C(4, True, 239, 32 * _K, w_chunk=64)),
+                  256: _C(8, True, 224, 80 * _K, ieee=_C(8, True, 221, 64 * _K, w_chunk=128)),
+                  512: _C(8, True, 212, 160 * _K, ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256)),
+                  1024: _C(8, True, 232, 64 * _K, w_chunk=256, fwd_chunk=256,
+                           ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256))}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
-#: check. Float32 LSTM and GRU are not built yet; LSTM and GRU backward at 1024 only fit with W_hh^T
-#: re-read per step (w_chunk).
+#: check. LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
 COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
+    ("LSTM", torch.float32): _LSTM_COOP_FP32,
     ("GRU", torch.float16): _GRU_COOP_FP16,
     ("GRU", torch.bfloat16): _GRU_COOP_BF16,
+    ("GRU", torch.float32): _GRU_COOP_FP32,
     ("RNN_TANH", torch.float16): _RNN_COOP_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_COOP_HALF,
     ("RNN_TANH", torch.float32): _RNN_COOP_FP32,
@@ -143,6 +161,13 @@ COOP_CONFIGS = {
     ("RNN_RELU", torch.bfloat16): _RNN_COOP_HALF,
     ("RNN_RELU", torch.float32): _RNN_COOP_FP32,
 }
+
+
+def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "tf32") -> Optional[CoopConfig]:
+    """The cooperative configuration at ``block_k`` for a build in ``precision`` ("ieee": float32 dots
+    on FMA, where an entry may have its own), or None."""
+    entry = COOP_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {}).get(block_k)
+    return entry.ieee if entry is not None and precision == "ieee" and entry.ieee else entry
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,7 @@ class KernelConfig:
     block_u: int = 0  # cooperative / stepwise: hidden units per program
     groups: int = 0   # cooperative / stepwise: programs along the batch (each takes every groups-th tile)
     w_chunk: int = 0  # cooperative / stepwise backward: see CoopConfig
+    fwd_chunk: int = 0  # cooperative / stepwise forward: see CoopConfig
 
 
 @dataclass(frozen=True)
@@ -258,16 +284,12 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     if block_h in configs and (any_h or hidden_size % 16 == 0):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
     # the smallest cooperative configuration that takes this H (K padded further where a size's own
-    # build does not fit); float32 in IEEE precision on a GPU only up to COOP_IEEE_FP32_MAX
+    # build does not fit); float32 on a GPU without allow_tf32 runs the IEEE builds (ops._precision)
     ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
     fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items()
-                  if bk >= block_h and (c.any_h or hidden_size % 16 == 0) and not (ieee and bk > COOP_IEEE_FP32_MAX))
-    coop = COOP_CONFIGS[key][fits[0]] if fits else None
+                  if bk >= block_h and (c.any_h or hidden_size % 16 == 0))
     block_h = fits[0] if fits else block_h
-    if coop is None and ieee and block_h <= max_hidden(cell, dtype, hidden_size % 16 == 0):
-        return Plan(None, f"hidden_size={hidden_size} for {cell} in float32 runs in IEEE precision "
-                          f"(torch.backends.cudnn.allow_tf32 is off) only up to {COOP_IEEE_FP32_MAX}: the "
-                          f"larger IEEE builds spill; with allow_tf32 (TF32 dots) the kernels take it")
+    coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32") if fits else None
     if coop is None:
         if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
             return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "
@@ -279,14 +301,16 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     units = -(-hidden_size // BLOCK_U)
     tiles = -(-max(batch, 1) // BLOCK_B)
     if device.type == "cpu":  # the interpreter runs programs one after another: no barrier between them
-        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk,
+                                 coop.fwd_chunk))
     props = props or device_props(device)
     capacity = props.sm_count * resident_blocks(props, coop.num_warps, coop.registers_for(packed),
                                                 coop.shared_bytes)
     if units > capacity:  # not all resident: a barrier could wait for a program that never starts
-        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk))
+        return Plan(KernelConfig("stepwise", BLOCK_B, block_h, coop.num_warps, BLOCK_U, tiles, coop.w_chunk,
+                                 coop.fwd_chunk))
     # A bidirectional layer's two grids run at once where both fit (ops then puts them on two
     # streams): fewer batch groups each, for twice the programs at work at small batch.
     per_group = units * directions if units * directions <= capacity else units
     return Plan(KernelConfig("cooperative", BLOCK_B, block_h, coop.num_warps, BLOCK_U,
-                             min(tiles, capacity // per_group), coop.w_chunk))
+                             min(tiles, capacity // per_group), coop.w_chunk, coop.fwd_chunk))

@@ -122,7 +122,9 @@ class _TritonRecurrent:
         """torch.nn's own forward, for a call no kernel serves; under RNN_TRITON_STRICT=1 an error."""
         if runtime.strict():
             raise NotImplementedError(f"rnn_triton.{type(self).__name__}: {plan.reason}")
-        return super().forward(input, hx)
+        out = super().forward(input, hx)
+        runtime.warn_fallback(self, plan.reason)  # after: what torch.nn rejects raises, unwarned
+        return out
 
     def _forward_packed(self, input, hx):
         """A PackedSequence in and out, as torch.nn. The sequences run padded to the longest, each row

@@ -84,8 +84,9 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                   c0: Optional[Tensor], lengths: Optional[Tensor], cell_id: int, reverse: bool,
                   batch_first: bool, save: bool,
                   variant: str, block_b: int, block_h: int, block_u: int, groups: int, w_chunk: int,
-                  num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward time loop of D = 1 or 2 directions at once (``variant``: see ``dispatch.KernelConfig``).
+                  num_warps: int, fwd_chunk: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward time loop of D = 1 or 2 directions at once (``variant``, ``fwd_chunk`` and the rest: see
+    ``dispatch.KernelConfig``; ``w_chunk`` is the backward's, passed on to it).
 
     w_hh: [D*G*H, H], the directions' W_hh stacked; xp: [T, B, D*G*H] (or [B, T, D*G*H] when
     batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H]; h0, c0: [D, B, H].
@@ -159,8 +160,8 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                       lengths if lengths is not None else hn_d), (T, B, H, rev)))
     if not tile:
         _run_cooperative(cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd", runs,
-                         dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, HAS_LENGTHS=lengths is not None),
-                         num_warps)
+                         dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=fwd_chunk,
+                              HAS_LENGTHS=lengths is not None), num_warps)
         for d in range(D):  # each row's last h: at its own last step (past it the carry holds: cn is right)
             y_d, rev = _columns(y_tm, d, H), _reversed(reverse, d)
             if rev or lengths is None:
@@ -270,7 +271,7 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
 
 @recurrent_fwd.register_fake
 def _(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, variant, block_b, block_h,
-      block_u, groups, w_chunk, num_warps):
+      block_u, groups, w_chunk, num_warps, fwd_chunk=0):
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
@@ -413,6 +414,7 @@ def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse, batch
 def _setup_context(ctx, inputs, output):
     xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, *config = inputs
     y, _, _, saved, cs = output
+    ctx.num_inputs = len(inputs)
     if not save:
         ctx.unsaved = True
         return
@@ -421,7 +423,7 @@ def _setup_context(ctx, inputs, output):
     # xp [T, B, D*G*H] until backward is the memory an exact second order costs (the saved slots hold
     # activations, from which the pre-activations would come back only approximately).
     ctx.save_for_backward(xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs)
-    ctx.args = (cell_id, reverse, batch_first, *config)
+    ctx.args = (cell_id, reverse, batch_first, *config[:7])  # recurrent_bwd's: all but fwd_chunk
 
 
 def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
@@ -446,7 +448,7 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
         recompute = lambda *xs: reference.recurrence(cell_id, *xs, lengths, reverse, batch_first)  # noqa: E731
         grads = reference.kernel_values_with_graph(grads, recompute, inputs,
                                                    (dy, dhn, dcn if cell_id == _LSTM else None))
-    return tuple(grads) + (None,) * 12
+    return tuple(grads) + (None,) * (ctx.num_inputs - len(grads))
 
 
 recurrent_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -531,7 +533,7 @@ def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0
         w_hh = [w @ r for w, r in zip(w_hh, w_hr)]
     y, hn, cn, _, _ = recurrent_fwd(xp, _cat(w_hh), b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
                                     save, config.variant, config.block_b, config.block_h, config.block_u,
-                                    config.groups, config.w_chunk, config.num_warps)
+                                    config.groups, config.w_chunk, config.num_warps, config.fwd_chunk)
     if w_hr is not None:
         w_hr = torch.stack(w_hr)
         y = torch.einsum("...dh,dph->...dp", y.unflatten(-1, (D, H)), w_hr).flatten(-2)

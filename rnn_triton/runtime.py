@@ -1,5 +1,7 @@
 """Process-wide switches read from the environment, and the kernel launch counter."""
 import os
+import warnings
+import weakref
 from collections import Counter
 
 #: How many times each Triton kernel was launched in this process; tests read it to prove a kernel ran.
@@ -25,3 +27,23 @@ def interpreter_ready() -> bool:
 
     from .kernels import cells
     return all(isinstance(f, InterpretedFunction) for f in (tl.standard.sigmoid, cells._sigmoid))
+
+
+class FallbackWarning(UserWarning):
+    """A module of ours ran torch.nn's own code for a call, not a Triton kernel (``kernel_plan``'s
+    reason says why). Filter it like any warning: ``warnings.simplefilter("ignore",
+    rnn_triton.FallbackWarning)``; ``RNN_TRITON_STRICT=1`` makes the fallback an error instead."""
+
+
+#: The fallback reasons each module has been warned of (weakly keyed: no state on the module itself).
+_warned = weakref.WeakKeyDictionary()
+
+
+def warn_fallback(module, reason: str) -> None:
+    """Warn that ``module`` runs torch.nn's code, once per module and reason."""
+    seen = _warned.setdefault(module, set())
+    if reason in seen:
+        return
+    seen.add(reason)
+    warnings.warn(f"rnn_triton.{type(module).__name__} runs torch.nn's own implementation for this call "
+                  f"(shown once per module and reason): {reason}", FallbackWarning, stacklevel=4)

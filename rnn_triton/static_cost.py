@@ -130,8 +130,8 @@ def loop_nest(analysis) -> list:
 
 def expected_nest(r) -> list:
     """The loop nest a build's source has: a tile-persistent loop has no inner loop; a cooperative one
-    the barrier's poll and the loop over the program's batch tiles, with the backward's K chunks inside
-    that where it re-reads W_hh (w_chunk)."""
+    the barrier's poll and the loop over the program's batch tiles, with the K chunks inside that
+    where it re-reads W_hh (w_chunk)."""
     if not r.kernel.startswith("coop"):
         return []
     return sorted(["poll", "tile"] + (["chunk"] if r.w_chunk else []))
@@ -292,12 +292,12 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
     total = [0.0, 0.0]
     for mode in ("fwd", "bwd"):
         kernel = ("coop_" if coop else "") + mode
-        w_chunk = c.w_chunk if kernel == "coop_bwd" else 0
+        w_chunk = (c.w_chunk if mode == "bwd" else c.fwd_chunk) if coop else 0
         r = _result_for(results, kernel, cell, name, precision, c.block_h, aligned, c.num_warps, w_chunk) or \
             _result_for(results, kernel, cell, name, precision, c.block_h, not aligned, c.num_warps, w_chunk)
         if r is None or not r.sass.get("loops"):
             return dict(out, reason=f"no analysed build for {kernel} {cell} {name} {c.block_h}")
-        chunks = -(-H // c.w_chunk) if (coop and mode == "bwd" and c.w_chunk) else 1
+        chunks = -(-H // w_chunk) if w_chunk else 1
         per_program_tiles = -(-tiles // c.groups) if coop else 1
         programs = -(-H // c.block_u) * c.groups if coop else tiles
         step = step_counts(r.sass, per_program_tiles, chunks)

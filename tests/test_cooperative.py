@@ -61,8 +61,8 @@ def _layer_case(cell, H, B, T, config, with_state=True, reverse=False, I=5):
     assert runtime.launches[f"{config.variant}_bwd"] > before.get(f"{config.variant}_bwd", 0)
 
 
-def _config(variant, H, groups=1, w_chunk=0):
-    return KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk)
+def _config(variant, H, groups=1, w_chunk=0, fwd_chunk=0):
+    return KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk, fwd_chunk)
 
 
 @interpreter_only
@@ -78,9 +78,9 @@ def test_stepwise_float64(cell, H):
 @interpreter_only
 @pytest.mark.parametrize("cell", CELLS)
 def test_stepwise_float64_weights_from_the_cache(cell):
-    """The backward that re-reads W_hh^T each step, 128 columns at a time (H = 300: two full chunks and
-    a partial one), as LSTM H = 1024 runs it."""
-    _layer_case(cell, 300, 5, 3, _config("stepwise", 300, groups=1, w_chunk=128))
+    """The forward and backward that re-read W_hh and W_hh^T each step, 128 columns at a time (H = 300:
+    two full chunks and a partial one), as float32 LSTM H = 1024 runs them."""
+    _layer_case(cell, 300, 5, 3, _config("stepwise", 300, groups=1, w_chunk=128, fwd_chunk=128))
 
 
 @interpreter_only

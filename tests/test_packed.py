@@ -100,11 +100,10 @@ def test_packed_lower_precision(dtype, seed):
     _packed_case("LSTM", [4, 9, 2], False, bidirectional=True, with_state=True, dtype=dtype)
 
 
-def _cooperative_plan(monkeypatch, H, variant="stepwise", groups=1, w_chunk=0):
-    """Make the modules run ``variant`` with BLOCK_U units per program. Float64 (the exact check, in the
-    interpreter) takes float32's sizes, where the LSTM and GRU have no cooperative configuration (they
-    spill without a tensor-core dot on the GPU); the half-precision sizes give them this one."""
-    config = KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk)
+def _cooperative_plan(monkeypatch, H, variant="stepwise", groups=1, w_chunk=0, fwd_chunk=0):
+    """Make the modules run ``variant`` with BLOCK_U units per program, whatever size the dispatcher
+    would choose for H."""
+    config = KernelConfig(variant, BLOCK_B, dispatch.block_h_for(H), 8, BLOCK_U, groups, w_chunk, fwd_chunk)
     monkeypatch.setattr(dispatch, "choose", lambda *args, **kwargs: Plan(config))
 
 
@@ -127,9 +126,9 @@ def test_packed_stepwise_float64(cell, enforce_sorted, monkeypatch, seed):
 @interpreter_only
 @pytest.mark.parametrize("cell", CELLS)
 def test_packed_stepwise_weights_from_the_cache(cell, monkeypatch, seed):
-    """The backward that re-reads W_hh^T each step, 128 columns at a time (H = 300: two full chunks and
-    a partial one), as LSTM and GRU H = 1024 run it, with lengths."""
-    _cooperative_plan(monkeypatch, 300, w_chunk=128)
+    """The forward and backward that re-read W_hh and W_hh^T each step, 128 columns at a time (H = 300:
+    two full chunks and a partial one), as float32 LSTM and GRU H = 1024 run them, with lengths."""
+    _cooperative_plan(monkeypatch, 300, w_chunk=128, fwd_chunk=128)
     _packed_case(cell, [2, 3, 1, 3, 2], False, bidirectional=True, with_state=True, H=300, variant="stepwise")
 
 
