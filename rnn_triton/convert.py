@@ -98,8 +98,8 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
         target, why = _plan(module)
         if target is not None:
             if verbose:
-                print(f"rnn_triton.convert: {name or '(the model)'}: {type(module).__qualname__} -> "
-                      f"rnn_triton {target.__name__}")
+                print(f"rnn_triton.convert: {name or '(the model)'} ({type(module).__qualname__}) converted: "
+                      f"its forward runs rnn_triton's kernels")
             module.__class__ = target
         elif why:
             skipped.append(f"{name or '(the model)'}: {why}")

@@ -156,12 +156,24 @@ def test_convert_back_restores_exact_torch_classes(seed):
     assert rnn_triton.convert_back(lstm) is lstm and type(lstm) is nn.LSTM
 
 
-def test_subclasses_and_shared_modules():
-    """A user's subclass (of torch.nn's or of ours, sequence or cell) is left alone; the *Cell modules
-    are converted; a module reachable twice is converted (once)."""
+class MyLSTM(nn.LSTM):
+    """A user's subclass that keeps torch.nn's forward (at module level: picklable)."""
 
-    class MyLSTM(nn.LSTM):
-        pass
+    def extra(self):
+        return "mine"
+
+
+class MyGRU(nn.GRU):
+    """A user's subclass with its own forward: convert must leave it alone."""
+
+    def forward(self, input, hx=None):
+        return super().forward(input * 2, hx)
+
+
+def test_subclasses_and_shared_modules():
+    """A user's subclass keeping torch.nn's forward is converted (its methods stay), one with its own
+    forward is left alone with a ConversionWarning naming it; a subclass of ours is left as it is; the
+    *Cell modules are converted; a module reachable twice is converted (once)."""
 
     class MyLSTMCell(nn.LSTMCell):
         pass
@@ -172,15 +184,21 @@ def test_subclasses_and_shared_modules():
     shared = nn.RNN(I, 4)
     model = nn.ModuleDict({"mine": MyLSTM(I, 8), "my_cell": MyLSTMCell(I, 8), "cell": nn.LSTMCell(I, 8),
                            "gru_cell": nn.GRUCell(I, 8), "rnn_cell": nn.RNNCell(I, 8), "a": shared,
+                           "own_forward": MyGRU(I, 8),
                            "b": nn.Sequential(shared, nn.ModuleList([nn.LSTM(I, 8)]))})
-    rnn_triton.convert(model)
-    assert type(model["mine"]) is MyLSTM and type(model["my_cell"]) is MyLSTMCell
+    with pytest.warns(rnn_triton.ConversionWarning, match="own_forward: its class MyGRU overrides forward"):
+        rnn_triton.convert(model)
+    assert isinstance(model["mine"], MyLSTM) and type(model["mine"]) is not MyLSTM
+    assert isinstance(model["mine"], rnn_triton.modules._TritonRecurrent) and model["mine"].extra() == "mine"
+    assert isinstance(model["my_cell"], MyLSTMCell) and isinstance(model["my_cell"], rnn_triton.cells._TritonCell)
+    assert type(model["own_forward"]) is MyGRU
     assert [type(model[k]) for k in ("cell", "gru_cell", "rnn_cell")] == \
         [rnn_triton.LSTMCell, rnn_triton.GRUCell, rnn_triton.RNNCell]
     assert type(shared) is rnn_triton.RNN and model["b"][0] is shared
     assert type(model["b"][1][0]) is rnn_triton.LSTM
     rnn_triton.convert_back(model)
     assert [type(model[k]) for k in ("cell", "gru_cell", "rnn_cell")] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
+    assert type(model["mine"]) is MyLSTM and type(model["my_cell"]) is MyLSTMCell
 
     ours = MyTritonLSTM(I, 8)
     assert type(rnn_triton.convert_back(ours)) is MyTritonLSTM
@@ -245,3 +263,27 @@ def test_our_classes_add_no_state(ours, theirs, kwargs):
     torch.nn's. A class of ours that grows state of its own must make convert set it up."""
     assert sorted(vars(ours(I, 8, **kwargs))) == sorted(vars(theirs(I, 8, **kwargs)))
     assert all("__init__" not in vars(c) for c in ours.__mro__ if c.__module__.startswith("rnn_triton"))
+
+
+def test_converted_subclass_computes_torch_nn_results_and_pickles(seed, capsys):
+    """A converted user subclass runs the kernels with torch.nn's results, survives pickling and deepcopy
+    as a converted module of the user's class, and ``verbose`` names what was converted."""
+    import io
+    import pickle
+
+    model = nn.Sequential(MyLSTM(I, 6)).double()
+    ref = copy.deepcopy(model)
+    rnn_triton.convert(model, verbose=True)
+    assert "0 (MyLSTM) converted" in capsys.readouterr().out
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    before = dict(runtime.launches)
+    y = model(x)[0]
+    assert _launched("fwd") > _launched("fwd", before), "no forward kernel ran"
+    assert rel_err(y, ref(x)[0]) < TOLERANCE[torch.float64]
+    for again in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(again[0]) is type(model[0]) and again[0].extra() == "mine"
+        assert rel_err(again(x)[0], y) < TOLERANCE[torch.float64]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)[0]) is type(model[0])

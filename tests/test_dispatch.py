@@ -24,10 +24,12 @@ def test_limits_per_dtype():
     # Past the tile kernel's limits (120: not a multiple of 16; 129) the cooperative kernel takes over.
     assert dispatch.choose("LSTM", 120, torch.float16, CUDA, props=h200).config.variant == "cooperative"
     assert dispatch.choose("LSTM", 129, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
-    assert dispatch.choose("LSTM", 64, torch.float32, CUDA).uses_triton
-    assert not dispatch.choose("LSTM", 40, torch.float32, CUDA).uses_triton
-    assert not dispatch.choose("LSTM", 128, torch.float32, CUDA).uses_triton  # nor cooperatively
-    assert "limit" in dispatch.choose("LSTM", 128, torch.float32, CUDA).reason
+    assert dispatch.choose("LSTM", 64, torch.float32, CUDA).config.variant == "tile-persistent"
+    # float32 LSTM and GRU: any H to 1024 (the tile kernel's 32 and 64 take multiples of 16 only)
+    for cell in ("LSTM", "GRU"):
+        for H in (17, 40, 100, 128, 200, 1000, 1024):
+            assert dispatch.choose(cell, H, torch.float32, CUDA, props=h200).config.variant == "cooperative"
+        assert "limit" in dispatch.choose(cell, 1025, torch.float32, CUDA, props=h200).reason
     assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
     assert not dispatch.choose("LSTM", 1000, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
     assert dispatch.choose("GRU", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
@@ -37,8 +39,8 @@ def test_limits_per_dtype():
 
 def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     """bf16 GRU's cooperative build at BLOCK_K = 256 spills, so H = 129..256 pads K to 512 (multiples of
-    16, as that build takes); fp16's own 256 build fits. float32 past COOP_IEEE_FP32_MAX runs only with
-    TF32 (its IEEE builds spill)."""
+    16, as that build takes); fp16's own 256 build fits. IEEE float32 (allow_tf32 off) runs its own
+    builds: past 256 they re-read W_hh in chunks (whole tiles spill on FMA)."""
     h200 = dispatch.H200
     bf16 = dispatch.choose("GRU", 256, torch.bfloat16, CUDA, props=h200).config
     assert bf16.variant == "cooperative" and bf16.block_h == 512
@@ -47,11 +49,12 @@ def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     # no cooperative LSTM build at 128 (the tile kernel takes its multiples of 16): H = 100 runs the 256 one
     assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert dispatch.choose("RNN_TANH", 1024, torch.float32, CUDA, props=h200).uses_triton
+    tf32 = dispatch.choose("LSTM", 512, torch.float32, CUDA, props=h200).config
+    assert (tf32.fwd_chunk, tf32.w_chunk) == (0, 0)  # W_hh and W_hh^T on chip
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert dispatch.choose("RNN_TANH", 256, torch.float32, CUDA, props=h200).uses_triton
-    plan = dispatch.choose("RNN_TANH", 512, torch.float32, CUDA, props=h200)
-    assert not plan.uses_triton and "allow_tf32" in plan.reason
+    ieee = dispatch.choose("LSTM", 512, torch.float32, CUDA, props=h200).config
+    assert ieee.variant == "cooperative" and ieee.fwd_chunk and ieee.w_chunk
+    assert dispatch.choose("RNN_TANH", 2048, torch.float32, CUDA, props=h200).config.variant == "cooperative"
 
 
 def test_device_and_dtype_rules(monkeypatch):
@@ -106,12 +109,12 @@ def _check_cooperative_results(results):
         name = str(dtype).replace("torch.", "")
         mine = [r for r in results if r["kernel"].startswith("coop") and r["cell"] == cell and r["dtype"] == name]
         chosen = [r for r in mine if compile_check.is_dispatcher_config(compile_check.Result(
-            **{k: v for k, v in r.items() if k != "ok"}))]  # IEEE float32 only to COOP_IEEE_FP32_MAX
-        assert len(chosen) >= 4 * len(table) and all(r["ok"] for r in chosen), [r for r in chosen if not r["ok"]]
-        ieee = [r for r in mine if r["precision"] == "ieee" and r["block_h"] > dispatch.COOP_IEEE_FP32_MAX]
-        assert name != "float32" or any(not r["ok"] for r in ieee), "IEEE float32 fits past its limit: raise it"
+            **{k: v for k, v in r.items() if k != "ok"}))]
+        precisions = 2 if name == "float32" else 1
+        assert len(chosen) >= 4 * precisions * len(table) and all(r["ok"] for r in chosen), \
+            [r for r in chosen if not r["ok"]]
         for r in chosen:
-            declared = table[r["block_h"]]
+            declared = dispatch.coop_config(cell, dtype, r["block_h"], r["precision"])
             registers = declared.registers_for(r["kernel"].endswith("_packed"))
             assert r["registers"] <= registers and r["shared_bytes"] <= declared.shared_bytes, r
         beyond = [r for r in mine if r["block_h"] == 2 * max(table)]
