@@ -18,9 +18,9 @@ Backward, step s = 0 .. T (the forward's steps, last first; step T only finishes
     at step T: dh0[units] = dh
 dr_k is the gradient of gate k's recurrent part: dxp's slots, except GRU's n-slot (dqn).
 
-The backward keeps its W_hh^T rows on chip (W_CHUNK = 0) or, where four gates' worth would spill
-(LSTM and GRU at BLOCK_K = 1024), re-reads them every step, W_CHUNK columns at a time, via the cache:
-a program's 16 rows are its own, 128 KB at H = 1024 in bf16, and stay in L1/L2. (Per-step cost: below.)
+Each keeps its rows of W_hh (backward: W_hh^T) on chip (W_CHUNK = 0) or, where they would spill or pass
+shared memory (half LSTM/GRU backward at 1024; float32 past 512; IEEE fp32), re-reads them every step,
+W_CHUNK columns at a time: a program's 16 rows are its own and stay in L2. (Per-step cost: below.)
 
 Variable lengths (HAS_LENGTHS, a packed sequence), as in the tile-persistent loops: row b has length
 L_b, its forward step s is t = s (or L_b-1-s in reverse) while s < L_b, and its h_{t-1} is y at its own
@@ -86,7 +86,7 @@ def _rows_if(offs_b, B, cond):
 #   does 1/SPLIT of the product and of the W_hh reads.
 # - W_hh's tiles are loaded once. Where they take at most 64 registers per thread (half precision up to
 #   BLOCK_K = 512 for the LSTM, 2048 for the RNN) they stay in registers (``tiles._in_registers``);
-#   else in shared memory, read every step.
+#   else in shared memory, read every step; or they are re-read from L2 in chunks (W_CHUNK, above).
 # - The loads that do not depend on the other programs (xp; in the backward dy, dhn, the saved slots
 #   and states) are issued before the barrier's wait, so they are in flight while it waits. A
 #   tensor's gate slots come in one load (``tiles.load_slots_at_once``): separate small loads each

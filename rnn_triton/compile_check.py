@@ -345,7 +345,8 @@ def is_dispatcher_config(r) -> bool:
     if r.kernel.startswith("coop"):
         from .dispatch import coop_config
         c = coop_config(r.cell, getattr(torch, r.dtype), r.block_h, r.precision)
-        return c is not None and c.num_warps == r.num_warps and (r.aligned or c.any_h) and r.w_chunk == (
+        any_h = c is not None and c.any_h and (c.packed_any_h or "_packed" not in r.kernel)
+        return c is not None and c.num_warps == r.num_warps and (r.aligned or any_h) and r.w_chunk == (
             c.w_chunk if "bwd" in r.kernel else c.fwd_chunk)
     from .dispatch import BIDIR_MULTIPLES_OF_16, PACKED_MULTIPLES_OF_16
     dtype = getattr(torch, r.dtype)

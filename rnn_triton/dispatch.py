@@ -98,6 +98,7 @@ class CoopConfig:
     packed_registers: int = 0  # per thread with per-row lengths (builds *_packed), where more than registers
     fwd_chunk: int = 0  # forward: as w_chunk, for W_hh
     ieee: Optional["CoopConfig"] = None  # float32 with allow_tf32 off (dots on FMA) runs this one instead
+    packed_any_h: bool = True  # False: with per-row lengths only H a multiple of 16 (the packed build spills)
 
     def registers_for(self, packed: bool) -> int:
         """Registers per thread of the builds a call runs: with per-row lengths (PackedSequence input)
@@ -128,22 +129,26 @@ _RNN_COOP_HALF = {256: _C(8, True, 104, 12 * _K), 512: _C(8, True, 128, 20 * _K)
 # with a whole tile at once and so re-read W_hh (the forward past 256) and W_hh^T (the backward) in
 # chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
 # The tanh RNN's backward at 1024 with W_hh^T on chip spills (16 bytes): re-read there in TF32 too.
-_RNN_COOP_FP32 = {128: _C(4, True, 208, 16 * _K), 256: _C(8, True, 200, 32 * _K),
-                  512: _C(8, True, 120, 64 * _K, ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
-                  1024: _C(8, True, 168, 128 * _K, w_chunk=512,
+_RNN_COOP_FP32 = {128: _C(4, True, 94, 16 * _K, ieee=_C(4, True, 201, 16 * _K)),
+                  256: _C(8, True, 114, 32 * _K, ieee=_C(8, True, 193, 32 * _K)),
+                  512: _C(8, True, 110, 64 * _K, ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
+                  1024: _C(8, True, 162, 128 * _K, w_chunk=512,
                            ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
-                  2048: _C(8, True, 208, 128 * _K, w_chunk=512, fwd_chunk=512,
+                  2048: _C(8, True, 160, 64 * _K, w_chunk=512, fwd_chunk=512,
                            ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256))}
-_LSTM_COOP_FP32 = {128: _C(4, True, 190, 48 * _K, ieee=_C(4, True, 231, 40 * _K, w_chunk=64)),
-                   256: _C(8, True, 182, 96 * _K, ieee=_C(8, True, 225, 80 * _K, w_chunk=128)),
-                   512: _C(8, True, 240, 192 * _K, ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256)),
-                   1024: _C(8, True, 252, 80 * _K, w_chunk=256, fwd_chunk=256,
+_LSTM_COOP_FP32 = {128: _C(8, True, 212, 64 * _K, ieee=_C(8, True, 202, 64 * _K, w_chunk=128)),
+                   256: _C(8, True, 200, 96 * _K, ieee=_C(8, True, 229, 80 * _K, w_chunk=128)),
+                   512: _C(8, True, 242, 192 * _K, packed_registers=252,
+                           ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256)),
+                   1024: _C(8, True, 254, 80 * _K, w_chunk=256, fwd_chunk=256,
                             ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256))}
-_GRU_COOP_FP32 = {128: _C(4, True, 220, 40 * _K, ieee=_C(4, True, 239, 32 * _K, w_chunk=64)),
-                  256: _C(8, True, 224, 80 * _K, ieee=_C(8, True, 221, 64 * _K, w_chunk=128)),
-                  512: _C(8, True, 212, 160 * _K, ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256)),
-                  1024: _C(8, True, 232, 64 * _K, w_chunk=256, fwd_chunk=256,
-                           ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256))}
+# TF32 at 256: the forward with lengths spills for H not a multiple of 16 (8 bytes): the 512 build takes it.
+_GRU_COOP_FP32 = {128: _C(8, True, 210, 40 * _K, ieee=_C(8, True, 199, 40 * _K, w_chunk=128)),
+                  256: _C(8, True, 224, 80 * _K, packed_any_h=False, ieee=_C(8, True, 223, 64 * _K, w_chunk=128)),
+                  512: _C(8, True, 212, 160 * _K, packed_registers=232,
+                          ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256, packed_registers=252)),
+                  1024: _C(8, True, 232, 64 * _K, w_chunk=256, fwd_chunk=256, packed_registers=246,
+                           ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256, packed_registers=252))}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
 #: check. LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
@@ -287,7 +292,7 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     # build does not fit); float32 on a GPU without allow_tf32 runs the IEEE builds (ops._precision)
     ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
     fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items()
-                  if bk >= block_h and (c.any_h or hidden_size % 16 == 0))
+                  if bk >= block_h and ((c.any_h and (c.packed_any_h or not packed)) or hidden_size % 16 == 0))
     block_h = fits[0] if fits else block_h
     coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32") if fits else None
     if coop is None:
