@@ -7,10 +7,11 @@
 
 A *peer* is a kernel whose code is public and whose H100 time is published: FlashRNN's Triton fused
 LSTM (NX-AI, pip ``flashrnn``), forward and backward, at the four head sizes its README figure times,
-and its CUDA fused LSTM forward at 12x64 and 1x768 (at the parameters FlashRNN's own solver gives for
-an H100; their loop nest named in ``CONFIGS``' plans). Its cubin is compiled outside this repository
-(FlashRNN's code is not ours to commit, nor a script that builds it; how each was compiled is in the
-peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's
+and its CUDA fused LSTM forward and backward at 12x64 and 1x768 (at the parameters FlashRNN's own
+solver gives for an H100; their loop nests named in ``CONFIGS``' plans; the backward's kernels read
+one at a time, without the code those parameters never run: ``analyze_peer``). Its cubin is compiled
+outside this repository (FlashRNN's code is not ours to commit, nor a script that builds it; how each
+was compiled is in the peer file's ``build`` and in calibration.md), then ``--import-peer`` runs this project's
 ``sass.analyze`` on it and stores that
 analysis (not the SASS, not the cubin) under ``reports/static/peers/``, together with the per-loop
 *serial chain* (below). From then on this module needs neither FlashRNN, nor a compiler: it feeds
@@ -28,6 +29,7 @@ by FlashRNN's authors, read from their repository's figure.
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +67,16 @@ PUBLISHED = {
 PUBLISHED_SOURCE = ("FlashRNN README figure head_dim--lstm.svg (github.com/NX-AI/flashrnn, commit d73fb52; "
                     "bar labels), B=16, T=1024, bf16, H100 (arXiv 2412.07752)")
 
+#: FlashRNN's CUDA fused backward is two kernels of the same .cu (BackwardPass::Run): after the recurrent
+#: one (and a cudaDeviceSynchronize), gradientBiasAggregationKernel sums the bias gradient over T x B for
+#: each of the 4 x 768 gate units: 6 blocks of 512 threads (on 6 SMs), each thread a chain of T loops
+#: (line 637, the step) over B = 16 (line 638, unrolled by 4: 4 trips, each waiting for its 4 loads);
+#: loop 2 is atomicAdd's compare-and-swap, once per thread after the loops. The same code at 12x64 and
+#: 1x768 (hidden_size 768 in both). cuBLAS's dR GEMM runs beside it on another stream and is shorter
+#: (12 x 64 x 256 x 16384 and 768 x 3072 x 16384 MACs: 0.01 and 0.07-0.15 ms on all SMs at the dense
+#: peak .. half of it, static_cost's GEMM range), so it adds nothing here.
+BIAS_GRADIENT = [{"peer": "flashrnn_cuda_lstm_bw_bias", "programs": 6, "plan": {"time": 0, "trips": {"1": 4}}}]
+
 #: The peer configurations: which analysed builds make a forward and a backward, and their launch.
 #: FlashRNN triton_fused: grid (NH, cdiv(B, siz_B)) = (12, 1), 4 warps (lstm_fw.py: autotune configs with
 #: ENABLE_AUTOTUNING False: siz_B 16, num_stages 1, num_warps 4; lstm_bw.py: backward_sequence(siz_B=16)
@@ -81,21 +93,28 @@ CONFIGS = [
     # (flashrnn_fused_forward.cu "main time loop"), 2 the accumulation over the 4 hidden warp tiles
     # (local_batch_idx from lane/16 to 16 in steps of 8: 2 trips per step), 3 grid.sync's poll
     # (cooperative_groups sync.h: the barrier term costs it).
+    # Its backward (the same solver solution; flashrnn_fused_backward.cu, read by analyze_peer: the one
+    # kernel, without the code the parameters never run, peer file's build.not_run): a cooperative grid
+    # of 4 hidden tiles x 12 heads = 48 blocks of 8 warps, one grid.sync() per step. Loops: 0 the batch
+    # loop (line 278, once), 1 the time loop (line 318), 2 grid.sync's poll (sync.h; the barrier term),
+    # 3 the sum of the 8 gate-tile warps' products in shared memory (line 487: local_batch_idx from
+    # wtcg_idx x 2 + lane/16 below 16 in steps of 16: 1 trip per step; its inner loop over the 7 other
+    # warps is unrolled).
     {"id": "flashrnn-cuda_fused-lstm-12x64", "backend": "cuda_fused", "DH": 64, "NH": 12, "B": 16, "T": 1024,
-     "fwd": "flashrnn_cuda_lstm_fw_12x64", "bwd": None, "programs": 96, "kernel": "coop",
-     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "issue": True},
-    # ... and at one head of 768: 96 gate tiles x 1 head = 96 blocks of 8 warps, the same loop nest
+     "fwd": "flashrnn_cuda_lstm_fw_12x64", "bwd": "flashrnn_cuda_lstm_bw_12x64", "programs": 96, "kernel": "coop",
+     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "bwd_programs": 48,
+     "bwd_plan": {"time": 1, "trips": {"2": 0, "3": 1}}, "bwd_also": BIAS_GRADIENT, "issue": True},
+    # ... and at one head of 768: forward 96 gate tiles x 1 head = 96 blocks, backward 48 hidden tiles x 1
+    # head = 48 blocks, of 8 warps, the same loop nests
     {"id": "flashrnn-cuda_fused-lstm-1x768", "backend": "cuda_fused", "DH": 768, "NH": 1, "B": 16, "T": 1024,
-     "fwd": "flashrnn_cuda_lstm_fw_1x768", "bwd": None, "programs": 96, "kernel": "coop",
-     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "issue": True},
+     "fwd": "flashrnn_cuda_lstm_fw_1x768", "bwd": "flashrnn_cuda_lstm_bw_1x768", "programs": 96, "kernel": "coop",
+     "plan": {"time": 1, "trips": {"2": 2, "3": 0}}, "bwd_programs": 48,
+     "bwd_plan": {"time": 1, "trips": {"2": 0, "3": 1}}, "bwd_also": BIAS_GRADIENT, "issue": True},
 ]
 #: Configurations published but not estimated, and why.
 NOT_ESTIMATED = {}
 #: Published passes not estimated for an estimated configuration, and why.
-NOT_ESTIMATED_PASSES = {
-    ("cuda_fused", 64, 12): "backward not estimated: its loop nest (overlapping loops) needs reading first",
-    ("cuda_fused", 768, 1): "backward not estimated: its loop nest (overlapping loops) needs reading first",
-}
+NOT_ESTIMATED_PASSES = {}
 
 # --- Spills ------------------------------------------------------------------------------------
 
@@ -113,17 +132,68 @@ def spills_fit_l1(spill_bytes_per_thread: int, threads_per_sm: int, shared_bytes
     return spill_bytes_per_thread * threads_per_sm <= (L1_SHARED_KB - carve) * 1024
 
 
+def function_text(text: str, function: str) -> str:
+    """The part of nvdisasm's output that is the code of the one function whose symbol contains
+    ``function`` (nvdisasm heads each function's section with ``//---- .text.<symbol> ----``)."""
+    parts = re.split(r"^//-+ \.text\.(\S+) -+$", text, flags=re.M)
+    hits = [body for symbol, body in zip(parts[1::2], parts[2::2]) if function in symbol]
+    if len(hits) != 1:
+        raise ValueError(f"{len(hits)} functions match {function!r}")
+    return hits[0]
+
+
+def analyze_peer(cubin: bytes, tags=None, function: str = None, not_run=()) -> dict:
+    """``sass.analyze`` of one function of a cubin, leaving out the address ranges ``not_run``.
+
+    Why (FlashRNN's CUDA fused backward): its .cu holds two kernels, and each function's addresses
+    start at 0, so ``sass.analyze``, which reads the whole cubin as one address space, would mix the
+    other kernel's instructions into loops at the same addresses: ``function`` keeps one. And code
+    the compiled parameters never run would be counted as run: a loop with 0 trips and its unrolled
+    remainder (a loop has its trip count in the plan, the remainder before it has none), or the
+    out-of-line path a ``BRA.DIV`` takes only when a warp reaches ``bar.sync`` diverged, whose jump
+    back reads as a backward branch, i.e. a loop overlapping the time loop without nesting in it.
+    ``not_run`` ([first, last] addresses, each with its reason in the peer's ``build``) leaves them
+    out before the loops are found. The rest is ``sass.analyze`` itself (its parse, loops and
+    counts), so the analysis version is the same."""
+    return analyze_listing(sass.disassemble(cubin), tags, function, not_run)
+
+
+def analyze_listing(text: str, tags=None, function: str = None, not_run=()) -> dict:
+    """``analyze_peer`` on nvdisasm's ``-c -g -hex`` output."""
+    if function:
+        text = function_text(text, function)
+    instrs, labels = sass.parse(text)
+    instrs = [i for i in instrs if not any(first <= i.addr <= last for first, last in not_run)]
+    tags = tags or {}
+    loops = sass.find_loops(instrs, labels)
+    out = []
+    for loop in loops:  # as sass.analyze
+        inner = [loops[c] for c in loop.children]
+        body = [i for i in instrs if loop.start <= i.addr <= loop.end
+                and not any(c.start <= i.addr <= c.end for c in inner)]
+        entry = {"start": loop.start, "end": loop.end, "parent": loop.parent, "children": loop.children}
+        entry.update(sass._counts(body, tags))
+        entry["release"] = sass._release(instrs, loop)
+        out.append(entry)
+    return {"loops": out, "instructions": len(instrs)}
+
+
 def import_peer(name: str, cubin_path: str, meta_path: str = None, tags=None) -> Path:
     """Analyse a peer's cubin (compiled elsewhere) with ``sass.analyze``; write ``peers/<name>.json``
     with the build description from ``meta_path`` (registers, spills, shared memory, layouts, compiler,
     options, source hash), or, without one, the description already in that file (re-analysing a
-    peer after ``sass.py`` changed)."""
+    peer after ``sass.py`` changed). A description naming a ``function`` or ``not_run`` address
+    ranges ({"range": [first, last], "why": ...}) is read by ``analyze_peer`` instead."""
     cubin = Path(cubin_path).read_bytes()
     source = Path(meta_path) if meta_path else PEERS_DIR / f"{name}.json"
     meta = json.loads(source.read_text())
     meta = meta["build"] if not meta_path else {k: v for k, v in meta.items() if k != "sass"}
-    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION,
-             "sass": sass.analyze(cubin, tags or meta.get("tags") or {})}
+    tags = tags or meta.get("tags") or {}
+    if meta.get("function") or meta.get("not_run"):
+        analysis = analyze_peer(cubin, tags, meta.get("function"), [r["range"] for r in meta.get("not_run", [])])
+    else:
+        analysis = sass.analyze(cubin, tags)
+    entry = {"name": name, "build": meta, "analysis_version": sass.VERSION, "sass": analysis}
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     path = PEERS_DIR / f"{name}.json"
     path.write_text(json.dumps(entry, indent=1, sort_keys=True) + "\n")
@@ -235,20 +305,28 @@ def calibrate() -> dict:
         pub = PUBLISHED[(c["backend"], c["DH"], c["NH"])]
         kernel, plan = c.get("kernel", "peer"), c.get("plan")
         fwd = kernel_estimate(load_peer(c["fwd"]), c["programs"], c["T"], kernel, plan)
-        bwd = kernel_estimate(load_peer(c["bwd"]), c["programs"], c["T"], kernel, plan) if c["bwd"] else None
+        # a backward with its own grid and loop nest (FlashRNN's CUDA fused kernels) says so
+        bwd = kernel_estimate(load_peer(c["bwd"]), c.get("bwd_programs", c["programs"]), c["T"], kernel,
+                              c.get("bwd_plan", plan)) if c["bwd"] else None
+        # kernels the backward runs after its recurrent one, each costed by the same step model
+        also = [dict(kernel_estimate(load_peer(k["peer"]), k["programs"], c["T"], k.get("kernel", "peer"),
+                                     k.get("plan")), peer=k["peer"]) for k in c.get("bwd_also", [])]
         # a build asking for more shared memory than an SM has does not launch ("OOSM" in the figure)
         bwd_launches = bwd is None or bwd["shared_bytes"] <= SM90_SHARED_LIMIT
         compare = {"fwd": _compare(pub["fwd_ms"], fwd["ms"])}
         row = {"id": c["id"], "backend": c["backend"], "DH": c["DH"], "NH": c["NH"], "B": c["B"], "T": c["T"],
                "issue_configuration": c["issue"], "published": dict(pub), "fwd": fwd, "bwd": bwd,
                "bwd_launches": bwd_launches, "compare": compare}
+        if also:
+            row["bwd_also"] = also
         if bwd is None:
             row["not_estimated"] = NOT_ESTIMATED_PASSES.get((c["backend"], c["DH"], c["NH"]), "")
         elif pub["fwd_bwd_ms"] is not None and bwd_launches:
             bwd_pub = round(pub["fwd_bwd_ms"] - pub["fwd_ms"], 2)
             row["published"]["bwd_ms_derived"] = bwd_pub
-            both = tuple(f + b for f, b in zip(fwd["ms"], bwd["ms"]))
-            compare["bwd (derived)"] = _compare(bwd_pub, bwd["ms"])
+            bwd_ms = tuple(b + sum(k["ms"][i] for k in also) for i, b in enumerate(bwd["ms"]))
+            both = tuple(f + b for f, b in zip(fwd["ms"], bwd_ms))
+            compare["bwd (derived)"] = _compare(bwd_pub, bwd_ms)
             compare["fwd+bwd"] = _compare(pub["fwd_bwd_ms"], both)
         rows.append(row)
     skipped = [{"backend": k[0], "DH": k[1], "NH": k[2], **PUBLISHED[k], "reason": v} for k, v in NOT_ESTIMATED.items()]
@@ -292,8 +370,8 @@ def table(result) -> str:
 
 def breakdown(row) -> str:
     out = []
-    for mode in ("fwd", "bwd"):
-        k = row[mode]
+    for mode, k in [("fwd", row["fwd"]), ("bwd", row["bwd"])] + [(f"bwd, then {k['peer']}", k)
+                                                               for k in row.get("bwd_also", [])]:
         if k is None:
             continue
         terms, lat = static_cost.format_cycles(k["terms"]), static_cost.format_cycles(k["latency"])

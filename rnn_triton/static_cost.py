@@ -98,7 +98,8 @@ def _loop_roles(analysis):
     """(time loop, {child loop index: role}) of a SASS analysis: the time loop is the outermost loop
     holding the most tensor-core work (or instructions); under it, at any depth, an innermost loop with
     the barrier's poll and no tensor-core work is "poll"; a child of the time loop holding another loop
-    or the tile's work is "tile", a loop inside a tile loop with tensor-core work "chunk"."""
+    or the tile's work is "tile", a loop inside a tile loop with a dot's work (tensor-core, or FFMA in
+    IEEE fp32) "chunk"."""
     loops = analysis["loops"]
     if not loops:
         return None, {}
@@ -118,7 +119,8 @@ def _loop_roles(analysis):
     for c in loops[top]["children"]:
         roles[c] = "poll" if poll(c) else "tile"
         for d in subtree(c)[1:]:
-            roles[d] = "poll" if poll(d) else "chunk" if loops[d]["macs"] else "inner"
+            dot = loops[d]["macs"] or loops[d]["count"].get("ffma", 0)
+            roles[d] = "poll" if poll(d) else "chunk" if dot else "inner"
     return top, roles
 
 

@@ -90,3 +90,21 @@ def test_peer_builds_record_how_they_were_made():
         assert b["num_warps"] == 4 and b["constexprs"]["siz_B"] == "16" and b["constexprs"]["DH"] == "64"
         assert b["triton"] == "3.0.0" and b["source_sha256"]
     assert calibration.load_peer("flashrnn_triton_lstm_bw_dh64")["build"]["spill_bytes"] > 0
+
+
+def test_peer_listing_reads_one_function_without_the_code_never_run():
+    """calibration.analyze_listing (FlashRNN's CUDA backward): a second kernel at the same addresses is
+    left out, and so is a BRA.DIV's out-of-line path, whose jump back would read as a loop overlapping
+    the real one without nesting in it."""
+    head = "//--------------------- .text.{} --------------------------\n"
+    listing = _listing([head.format("_Z5otherv"), ".L_x_0:\n", (0x00, "FADD R1, R1, R1"),
+                        (0x10, "BRA `(.L_x_0)"),
+                        head.format("_Z6kernelv"), (0x00, "S2R R0, SR_TID.X"), ".L_x_1:\n",
+                        (0x10, "FADD R1, R1, R1"), (0x20, "BRA.DIV UR7, `(.L_x_2)"), ".L_x_3:\n",
+                        (0x30, "FMUL R2, R1, R1"), (0x40, "@P0 BRA `(.L_x_1)"), (0x50, "EXIT"), ".L_x_2:\n",
+                        (0x60, "NOP"), (0x70, "BRA `(.L_x_3)")])
+    spans = lambda a: [(lp["start"], lp["end"]) for lp in a["loops"]]  # noqa: E731
+    assert spans(calibration.analyze_listing(listing, function="_Z6kernel")) == [(0x10, 0x40), (0x30, 0x70)]
+    a = calibration.analyze_listing(listing, function="_Z6kernel", not_run=[(0x60, 0x70)])
+    assert spans(a) == [(0x10, 0x40)] and a["loops"][0]["count"]["total"] == 4 and a["instructions"] == 6
+    assert spans(calibration.analyze_listing(listing, function="_Z5other")) == [(0x00, 0x10)]

@@ -27,9 +27,11 @@ def test_limits_per_dtype():
     assert dispatch.choose("LSTM", 64, torch.float32, CUDA).config.variant == "tile-persistent"
     # float32 LSTM and GRU: any H to 1024 (the tile kernel's 32 and 64 take multiples of 16 only)
     for cell in ("LSTM", "GRU"):
-        for H in (17, 40, 100, 128, 200, 1000, 1024):
+        for H in (40, 100, 128, 200, 1000, 1024):
             assert dispatch.choose(cell, H, torch.float32, CUDA, props=h200).config.variant == "cooperative"
         assert "limit" in dispatch.choose(cell, 1025, torch.float32, CUDA, props=h200).reason
+    assert dispatch.choose("LSTM", 17, torch.float32, CUDA, props=h200).config.variant == "cooperative"
+    assert dispatch.choose("GRU", 17, torch.float32, CUDA, props=h200).config.variant == "tile-persistent"
     assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
     assert not dispatch.choose("LSTM", 1000, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
     assert dispatch.choose("GRU", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
@@ -118,4 +120,8 @@ def _check_cooperative_results(results):
             registers = declared.registers_for(r["kernel"].endswith("_packed"))
             assert r["registers"] <= registers and r["shared_bytes"] <= declared.shared_bytes, r
         beyond = [r for r in mine if r["block_h"] == 2 * max(table)]
-        assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * max(table)} fits too"
+        top = table[max(table)]
+        if top.fwd_chunk and top.w_chunk:  # re-read in chunks, any K compiles: the table's top is a choice
+            assert beyond and all(r["ok"] for r in beyond if r["precision"] == "tf32")
+        else:
+            assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * max(table)} fits too"
