@@ -116,3 +116,35 @@ def test_strict_mode_raises_instead_of_warning(monkeypatch):
     H = dispatch.max_hidden("GRU", torch.float32, multiple_of_16=False) + 1
     with pytest.raises(NotImplementedError, match="limit"):
         rnn_triton.GRU(2, H).to(DEVICE)(torch.randn(2, 1, 2, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 and the GPU's IEEE builds run on a GPU only")
+@pytest.mark.parametrize("allow_tf32", [True, False])
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_error_on_a_gpu_is_cudnns(cell, allow_tf32, monkeypatch, seed):
+    """On a GPU, float32 at H = 256 and 768 against torch.nn in float64: with allow_tf32 (TF32 dots)
+    the output and input gradient within twice cuDNN's own TF32 error on the same inputs; without it
+    (IEEE fp32) within 1e-4."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    ours_cls, torch_cls, extra = CELLS[cell]
+    for H in (256, 768):
+        ours = ours_cls(64, H, **extra).cuda()
+        assert ours.kernel_plan(torch.randn(50, 16, 64, device="cuda")).uses_triton
+        cudnn = torch_cls(64, H, **extra).cuda()
+        cudnn.load_state_dict(ours.state_dict())
+        ref = torch_cls(64, H, **extra).double()
+        ref.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
+        x = torch.randn(50, 16, 64, dtype=torch.float64)
+        dy = torch.randn(50, 16, H, dtype=torch.float64)
+        results = []
+        for module, dtype, device in ((ours, torch.float32, "cuda"), (cudnn, torch.float32, "cuda"),
+                                      (ref, torch.float64, "cpu")):
+            xi = x.to(device, dtype).requires_grad_()
+            y = module(xi)[0]
+            (y * dy.to(device, dtype)).sum().backward()
+            results.append((y.double().cpu(), xi.grad.double().cpu()))
+        (y, dx), (y_cudnn, dx_cudnn), (y_ref, dx_ref) = results
+        for name, a, b, r in (("output", y, y_cudnn, y_ref), ("input gradient", dx, dx_cudnn, dx_ref)):
+            err = ((a - r).norm() / r.norm()).item()
+            bound = 2 * ((b - r).norm() / r.norm()).item() + 1e-6 if allow_tf32 else 1e-4
+            assert err < bound, f"H={H} {name}: {err:.2e} >= {bound:.2e} (seed {seed})"
