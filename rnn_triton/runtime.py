@@ -40,7 +40,12 @@ _warned = weakref.WeakKeyDictionary()
 
 
 def warn_fallback(module, reason: str) -> None:
-    """Warn that ``module`` runs torch.nn's code, once per module and reason."""
+    """Warn that ``module`` runs torch.nn's code, once per module and reason. Not while torch.compile
+    traces the call: Dynamo cannot trace ``warnings.warn`` (a graph break; ``fullgraph=True`` would
+    fail), so a compiled fallback is silent: ``kernel_plan`` or strict mode tells."""
+    import torch
+    if torch.compiler.is_compiling():
+        return
     seen = _warned.setdefault(module, set())
     if reason in seen:
         return

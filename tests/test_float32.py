@@ -148,3 +148,17 @@ def test_float32_error_on_a_gpu_is_cudnns(cell, allow_tf32, monkeypatch, seed):
             err = ((a - r).norm() / r.norm()).item()
             bound = 2 * ((b - r).norm() / r.norm()).item() + 1e-6 if allow_tf32 else 1e-4
             assert err < bound, f"H={H} {name}: {err:.2e} >= {bound:.2e} (seed {seed})"
+
+
+def test_a_compiled_fallback_does_not_break_the_graph(monkeypatch):
+    """Dynamo cannot trace warnings.warn: under torch.compile(fullgraph=True) a fallback stays one graph
+    (and silent; kernel_plan or strict mode tells)."""
+    monkeypatch.setenv("RNN_TRITON_STRICT", "0")
+    torch._dynamo.reset()
+    H = dispatch.max_hidden("GRU", torch.float32, multiple_of_16=False) + 1
+    module = rnn_triton.GRU(2, H).to(DEVICE)
+    x = torch.randn(2, 1, 2, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rnn_triton.FallbackWarning)
+        y, _ = torch.compile(module, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(y, torch.nn.GRU.forward(module, x)[0])
