@@ -51,4 +51,17 @@ def warn_fallback(module, reason: str) -> None:
         return
     seen.add(reason)
     warnings.warn(f"rnn_triton.{type(module).__name__} runs torch.nn's own implementation for this call "
-                  f"(shown once per module and reason): {reason}", FallbackWarning, stacklevel=4)
+                  f"(shown once per module and reason): {reason}", FallbackWarning, stacklevel=_user_level())
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of the first frame outside rnn_triton and torch.nn's module machinery, as
+    seen from ``warn_fallback``'s ``warnings.warn``: the user's call of the module."""
+    import sys
+
+    import torch.nn
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.nn.__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -99,6 +99,7 @@ def test_a_fallback_warns_once_per_module_and_reason(monkeypatch):
     with pytest.warns(rnn_triton.FallbackWarning) as record:
         a(x)
     assert len(record) == 1 and reason in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller's line, not torch's or ours
     with warnings.catch_warnings():
         warnings.simplefilter("error", rnn_triton.FallbackWarning)
         a(x)  # the same module and reason again: no warning
