@@ -75,7 +75,7 @@ class Result:
             return False
         if self.kernel.startswith("coop"):  # within what the capacity model assumes
             from .dispatch import coop_config
-            declared = coop_config(self.cell, getattr(torch, self.dtype), self.block_h, self.precision)
+            declared = coop_config(self.cell, getattr(torch, self.dtype), self.block_h, self.precision, self.aligned)
             return declared is None or (self.registers <= declared.registers_for(self.kernel.endswith("_packed"))
                                         and self.shared_bytes <= declared.shared_bytes)
         return True
@@ -323,18 +323,19 @@ def dispatcher_configs(probe: bool = False):
                     for precision in precisions:
                         configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
     for (cell, dtype), table in COOP_CONFIGS.items():
-        entries = [(bk, c, (True, False) if c.any_h else (True,)) for bk, c in table.items()]
+        entries = [(bk, c, (True, False) if c.any_h or c.unaligned else (True,)) for bk, c in table.items()]
         if probe:
             top = max(table)
             entries.append((2 * top, table[top], (True,)))
-            if not table[top].any_h:
+            if not table[top].any_h and not table[top].unaligned:
                 entries.append((top, table[top], (False,)))
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for block_k, entry, alignments in entries:
             for kernel in ("coop_fwd", "coop_bwd", "coop_fwd_packed", "coop_bwd_packed"):
                 for aligned in alignments:
                     for precision in precisions:
-                        c = entry.ieee if precision == "ieee" and entry.ieee else entry
+                        c = entry.unaligned if not aligned and not entry.any_h and entry.unaligned else entry
+                        c = c.ieee if precision == "ieee" and c.ieee else c
                         configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, aligned, precision,
                                         BLOCK_U, c.w_chunk if "bwd" in kernel else c.fwd_chunk))
     return configs
@@ -344,7 +345,7 @@ def is_dispatcher_config(r) -> bool:
     from .dispatch import COOP_CONFIGS, TILE_CONFIGS
     if r.kernel.startswith("coop"):
         from .dispatch import coop_config
-        c = coop_config(r.cell, getattr(torch, r.dtype), r.block_h, r.precision)
+        c = coop_config(r.cell, getattr(torch, r.dtype), r.block_h, r.precision, r.aligned)
         any_h = c is not None and c.any_h and (c.packed_any_h or "_packed" not in r.kernel)
         return c is not None and c.num_warps == r.num_warps and (r.aligned or any_h) and r.w_chunk == (
             c.w_chunk if "bwd" in r.kernel else c.fwd_chunk)

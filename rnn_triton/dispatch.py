@@ -99,6 +99,7 @@ class CoopConfig:
     fwd_chunk: int = 0  # forward: as w_chunk, for W_hh
     ieee: Optional["CoopConfig"] = None  # float32 with allow_tf32 off (dots on FMA) runs this one instead
     packed_any_h: bool = True  # False: with per-row lengths only H a multiple of 16 (the packed build spills)
+    unaligned: Optional["CoopConfig"] = None  # where any_h is False: H not a multiple of 16 runs this one
 
     def registers_for(self, packed: bool) -> int:
         """Registers per thread of the builds a call runs: with per-row lengths (PackedSequence input)
@@ -115,15 +116,21 @@ BLOCK_U = 16
 _C = CoopConfig
 _K = 1024
 # (No 128 build: the tile kernel takes multiples of 16 up to 128, and the bf16 build spills; other H
-# in (64, 128] take the 256 build.)
-_LSTM_COOP = {256: _C(8, True, 240, 32 * _K), 512: _C(8, False, 248, 32 * _K, packed_registers=255),
-              1024: _C(8, False, 255, 160 * _K, w_chunk=512)}
+# in (64, 128] take the 256 build.) H not a multiple of 16 spills with the weights on chip past 256:
+# there ``unaligned`` re-reads them from L2 in chunks.
+_LSTM_ANY_H = _C(8, True, 255, 40 * _K, w_chunk=256, fwd_chunk=256)
+_LSTM_COOP = {256: _C(8, True, 240, 32 * _K),
+              512: _C(8, False, 248, 32 * _K, packed_registers=255, unaligned=_LSTM_ANY_H),
+              1024: _C(8, False, 255, 160 * _K, w_chunk=512, unaligned=_LSTM_ANY_H)}
 # bf16 at 256 spills (8 bytes, the forward): a bf16 GRU of H = 129..256 takes the 512 build.
-_GRU_COOP_FP16 = {256: _C(8, False, 216, 16 * _K), 512: _C(8, False, 240, 32 * _K),
-                  1024: _C(8, False, 248, 128 * _K, w_chunk=512)}
+_GRU_ANY_H = _C(8, True, 254, 32 * _K, w_chunk=256, fwd_chunk=256)
+_GRU_COOP_FP16 = {256: _C(8, False, 216, 16 * _K, unaligned=_C(8, True, 216, 16 * _K, w_chunk=128, fwd_chunk=128)),
+                  512: _C(8, False, 240, 32 * _K, unaligned=_GRU_ANY_H),
+                  1024: _C(8, False, 248, 128 * _K, w_chunk=512, unaligned=_GRU_ANY_H)}
 _GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
 _RNN_COOP_HALF = {256: _C(8, True, 104, 12 * _K), 512: _C(8, True, 128, 20 * _K),
-                  1024: _C(8, True, 208, 36 * _K), 2048: _C(8, False, 208, 68 * _K)}
+                  1024: _C(8, True, 208, 36 * _K),
+                  2048: _C(8, False, 208, 68 * _K)}  # (any H re-reading in chunks of 512 spills: 16-32 bytes)
 # float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
 # torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds spill
 # with a whole tile at once and so re-read W_hh (the forward past 256) and W_hh^T (the backward) in
@@ -168,10 +175,14 @@ COOP_CONFIGS = {
 }
 
 
-def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "tf32") -> Optional[CoopConfig]:
+def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "tf32",
+                aligned: bool = True) -> Optional[CoopConfig]:
     """The cooperative configuration at ``block_k`` for a build in ``precision`` ("ieee": float32 dots
-    on FMA, where an entry may have its own), or None."""
+    on FMA, where an entry may have its own) and for H a multiple of 16 or not (``aligned``: where an
+    entry takes only multiples of 16, its ``unaligned`` configuration takes the rest), or None."""
     entry = COOP_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {}).get(block_k)
+    if entry is not None and not aligned and not entry.any_h and entry.unaligned:
+        entry = entry.unaligned
     return entry.ieee if entry is not None and precision == "ieee" and entry.ieee else entry
 
 
@@ -291,10 +302,11 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     # the smallest cooperative configuration that takes this H (K padded further where a size's own
     # build does not fit); float32 on a GPU without allow_tf32 runs the IEEE builds (ops._precision)
     ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
-    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items()
-                  if bk >= block_h and ((c.any_h and (c.packed_any_h or not packed)) or hidden_size % 16 == 0))
+    aligned = hidden_size % 16 == 0
+    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items() if bk >= block_h and (
+        aligned or (c.any_h and (c.packed_any_h or not packed)) or (not c.any_h and c.unaligned)))
     block_h = fits[0] if fits else block_h
-    coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32") if fits else None
+    coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32", aligned) if fits else None
     if coop is None:
         if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
             return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "

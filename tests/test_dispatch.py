@@ -33,10 +33,13 @@ def test_limits_per_dtype():
     assert dispatch.choose("LSTM", 17, torch.float32, CUDA, props=h200).config.variant == "cooperative"
     assert dispatch.choose("GRU", 17, torch.float32, CUDA, props=h200).config.variant == "tile-persistent"
     assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
-    assert not dispatch.choose("LSTM", 1000, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
+    # H not a multiple of 16 past 256 (LSTM) or 128 (GRU): W_hh re-read in chunks (on chip it spills)
+    for cell, H in (("LSTM", 1000), ("LSTM", 300), ("GRU", 200), ("GRU", 1000)):
+        c = dispatch.choose(cell, H, torch.bfloat16, CUDA, props=h200).config
+        assert c.variant == "cooperative" and c.fwd_chunk and c.w_chunk, (cell, H)
+    assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.fwd_chunk == 0
     assert dispatch.choose("GRU", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
     assert not dispatch.choose("GRU", 2048, torch.bfloat16, CUDA, props=h200).uses_triton
-    assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton  # 16k only
 
 
 def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
@@ -47,7 +50,7 @@ def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     bf16 = dispatch.choose("GRU", 256, torch.bfloat16, CUDA, props=h200).config
     assert bf16.variant == "cooperative" and bf16.block_h == 512
     assert dispatch.choose("GRU", 256, torch.float16, CUDA, props=h200).config.block_h == 256
-    assert not dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).uses_triton
+    assert dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).config.block_h == 512  # any H there
     # no cooperative LSTM build at 128 (the tile kernel takes its multiples of 16): H = 100 runs the 256 one
     assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
@@ -116,7 +119,7 @@ def _check_cooperative_results(results):
         assert len(chosen) >= 4 * precisions * len(table) and all(r["ok"] for r in chosen), \
             [r for r in chosen if not r["ok"]]
         for r in chosen:
-            declared = dispatch.coop_config(cell, dtype, r["block_h"], r["precision"])
+            declared = dispatch.coop_config(cell, dtype, r["block_h"], r["precision"], r["aligned"])
             registers = declared.registers_for(r["kernel"].endswith("_packed"))
             assert r["registers"] <= registers and r["shared_bytes"] <= declared.shared_bytes, r
         beyond = [r for r in mine if r["block_h"] == 2 * max(table)]

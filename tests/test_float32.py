@@ -37,6 +37,17 @@ def test_every_float32_hidden_size_has_a_kernel_on_an_h200(cell, allow_tf32, mon
     assert not dispatch.choose(cell, top + 1, torch.float32, CUDA, 16, dispatch.H200).uses_triton
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_half_precision_hidden_size_to_1024_has_a_kernel_on_an_h200(cell, dtype):
+    """Awkward sizes in half precision too: any H to 1024, padded or packed (past 256 the LSTM and GRU
+    re-read W_hh in chunks for H not a multiple of 16, which spill with it on chip)."""
+    for H in range(1, 1025):
+        for packed in (False, True):
+            plan = dispatch.choose(cell, H, dtype, CUDA, 16, dispatch.H200, packed=packed)
+            assert plan.uses_triton, f"H={H} packed={packed}: {plan.reason}"
+
+
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("H,B", [(17, 5), (33, 1), (100, 31)])
