@@ -19,8 +19,8 @@ Backward, step s = 0 .. T (the forward's steps, last first; step T only finishes
 dr_k is the gradient of gate k's recurrent part: dxp's slots, except GRU's n-slot (dqn).
 
 Each keeps its rows of W_hh (backward: W_hh^T) on chip (W_CHUNK = 0) or, where they would spill or pass
-shared memory (half LSTM/GRU backward at 1024; float32 past 512; IEEE fp32), re-reads them every step,
-W_CHUNK columns at a time: a program's 16 rows are its own and stay in L2. (Per-step cost: below.)
+shared memory (dispatch's tables: half precision LSTM/GRU at some sizes; float32 past 512; IEEE fp32),
+re-reads them each step, W_CHUNK columns at a time: a program's 16 rows are its own and stay in L2.
 
 Variable lengths (HAS_LENGTHS, a packed sequence), as in the tile-persistent loops: row b has length
 L_b, its forward step s is t = s (or L_b-1-s in reverse) while s < L_b, and its h_{t-1} is y at its own
