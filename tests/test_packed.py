@@ -165,12 +165,16 @@ def test_packed_beyond_every_kernel_says_why():
         module(packed)
 
 
-def test_packed_input_past_the_tile_kernels_packed_limit_says_why():
-    """GRU half precision at BLOCK_H = 128 takes any H padded, but packed only multiples of 16 (and
-    the cooperative GRU starts at 256)."""
+def test_packed_input_past_the_tile_kernels_packed_limit_goes_cooperative(seed):
+    """GRU half precision at BLOCK_H = 128 takes any H padded, but packed only multiples of 16 (its
+    build with lengths spills otherwise): packed H = 120 goes to the cooperative kernel that re-reads
+    W_hh in chunks (``CoopConfig.unaligned``), and matches torch.nn there."""
     plan = dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2, packed=True)
-    assert not plan.uses_triton and "PackedSequence" in plan.reason and "multiple of 16" in plan.reason
-    assert dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2).uses_triton
+    assert plan.uses_triton and plan.config.variant in ("stepwise", "cooperative"), plan
+    assert plan.config.fwd_chunk and plan.config.w_chunk, plan
+    assert dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2).config.variant == "tile-persistent"
+    _packed_case("GRU", [3, 5, 1], False, with_state=True, dtype=torch.bfloat16, H=120,
+                 variant=plan.config.variant if DEVICE.type == "cpu" else None)
 
 
 def test_packed_plan_runs_the_tile_kernel():
