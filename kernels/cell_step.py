@@ -157,7 +157,7 @@ def _cell_grads(offs_u, mask_u, offs_b, mask_b, dhy_ptr, dcy_ptr, saved_ptr, cs_
     prev = tl.zeros_like(dh)  # the state before the step: c (LSTM), h (GRU); 0 without a state
     if CELL == LSTM:
         dc = tl.load(dcy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        c_new = tl.load(cs_ptr + offs, mask=mask, other=0.0)
+        c_new = tl.load(cs_ptr + offs, mask=mask, other=0.0).to(ACC)
         if HAS_H:
             prev = tl.load(cx_ptr + offs, mask=mask, other=0.0).to(ACC)
     if CELL == GRU:

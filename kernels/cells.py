@@ -12,8 +12,10 @@ Gate order and equations are torch.nn's, so weights load from torch.nn modules u
 The time loops call ``cell_forward`` / ``cell_backward`` with four gate slots; a cell with fewer gates
 gets (and returns) unused slots that the loops never load or store (CELL decides at compile time).
 
-What each cell saves per step for its backward ("saved slots", fp32):
-LSTM: i, f, g, o.  GRU: r, z, n, q.  RNN: h'.
+What each cell saves per step for its backward ("saved slots", in the storage dtype): the
+pre-activations, from which the backward recomputes the gates. (An activation rounded to bf16 would
+lose 1 - sigma where a gate saturates: sigma(5) = 0.9933 is 1 - 2^-7.2, one bf16 step from 1.)
+LSTM: a_i, a_f, a_g, a_o.  GRU: a_r, a_z, a_n = x_n + r*q, q.  RNN: a.
 """
 import os
 
@@ -55,7 +57,8 @@ def cell_forward(CELL: tl.constexpr, a0, a1, a2, a3, x_n, b_hn, h, c):
     """One step. a_k = x_k + (h @ W_hh^T)_k per gate slot, except GRU's a2 = (h @ W_hn^T) alone, whose
     input part is x_n.
 
-    Returns (h', c', s0, s1, s2, s3): the new state and the saved slots for backward.
+    Returns (h', c', s0, s1, s2, s3): the new state and the saved slots for backward (the
+    pre-activations; GRU's q too).
     """
     if CELL == LSTM:
         i = _sigmoid(a0)
@@ -64,27 +67,29 @@ def cell_forward(CELL: tl.constexpr, a0, a1, a2, a3, x_n, b_hn, h, c):
         o = _sigmoid(a3)
         c_new = f * c + i * g
         h_new = o * _tanh(c_new)
-        return h_new, c_new, i, f, g, o
+        return h_new, c_new, a0, a1, a2, a3
     elif CELL == GRU:
         r = _sigmoid(a0)
         z = _sigmoid(a1)
         q = a2 + b_hn
-        n = _tanh(x_n + r * q)
+        a_n = x_n + r * q
+        n = _tanh(a_n)
         h_new = (1.0 - z) * n + z * h
-        return h_new, c, r, z, n, q
+        return h_new, c, a0, a1, a_n, q
     elif CELL == RNN_TANH:
         h_new = _tanh(a0)
-        return h_new, c, h_new, h_new, h_new, h_new
+        return h_new, c, a0, a0, a0, a0
     else:
         h_new = tl.maximum(a0, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN, as torch
-        return h_new, c, h_new, h_new, h_new, h_new
+        return h_new, c, a0, a0, a0, a0
 
 
 @triton.jit
 def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
     """Derivative of ``cell_forward``.
 
-    dh, dc: dLoss/dh', dLoss/dc' (everything after this step).  s*: saved slots of this step;
+    dh, dc: dLoss/dh', dLoss/dc' (everything after this step).  s*: saved slots of this step (the
+    gates are recomputed from them);
     c_new, c: cell state after and before the step (LSTM); h: hidden state before the step (GRU).
 
     Returns (dx0, dx1, dx2, dx3, dr2, dh_direct, dc_prev): gradients of the input-projection slots,
@@ -93,7 +98,10 @@ def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
     The recurrent slots' gradients equal the input slots' (dr_k = dx_k) except GRU's n-slot.
     """
     if CELL == LSTM:
-        i, f, g, o = s0, s1, s2, s3
+        i = _sigmoid(s0)
+        f = _sigmoid(s1)
+        g = _tanh(s2)
+        o = _sigmoid(s3)
         tc = _tanh(c_new)
         dc = dc + dh * o * (1.0 - tc * tc)
         di = dc * g * i * (1.0 - i)
@@ -102,14 +110,18 @@ def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
         do = dh * tc * o * (1.0 - o)
         return di, df, dg, do, dg, dh * 0.0, dc * f
     elif CELL == GRU:
-        r, z, n, q = s0, s1, s2, s3
+        r = _sigmoid(s0)
+        z = _sigmoid(s1)
+        n = _tanh(s2)
+        q = s3
         dn = dh * (1.0 - z) * (1.0 - n * n)
         dz = dh * (h - n) * z * (1.0 - z)
         dr = dn * q * r * (1.0 - r)
         return dr, dz, dn, dn, dn * r, dh * z, dc
     elif CELL == RNN_TANH:
-        da = dh * (1.0 - s0 * s0)
+        h_new = _tanh(s0)
+        da = dh * (1.0 - h_new * h_new)
         return da, da, da, da, da, dh * 0.0, dc
     else:
-        da = tl.where(s0 <= 0.0, 0.0, dh)  # torch's threshold_backward: a NaN h' passes dh on
+        da = tl.where(s0 <= 0.0, 0.0, dh)  # torch's threshold_backward: a NaN h' (a) passes dh on
         return da, da, da, da, da, dh * 0.0, dc

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
 from .tiles import (load_slots_at_once, load_split_gate_tiles, load_split_stacked_tiles, row_offsets, row_steps,
-                    split_dot, split_k, split_slots, step_offsets, store_slots)
+                    split_dot, split_k, split_slots, step_offsets, store_slots, sum_slices)
 
 
 @triton.jit
@@ -95,8 +95,8 @@ def _rows_if(offs_b, B, cond):
 #   (``tiles.load_split_stacked_tiles``) against the gate gradients read in one load.
 # - Early release: a program arrives at the barrier right after storing what the others read (h_t; in
 #   the backward the gate gradients); its carry, saved slots and cell state are stored after.
-# - Not yet: the sum over the K slices leaves every warp a copy of the [16, 16] result, and Triton runs
-#   the cell math on that copy (8x the MUFU work a step needs); K is padded to a power of two.
+# - The sum over the K slices (``tiles.sum_slices``) leaves the [16, 16] result one element per thread,
+#   so the cell math runs once per unit and row, not once per warp. Not yet: K is padded to BLOCK_K.
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def cooperative_fwd_kernel(
     h0_ptr,                             # [B, H] contiguous (read when HAS_H0)
     y_ptr, stride_y_t, stride_y_b,      # [T, B, H] output; also the published h_t
     carry_ptr,                          # [B, H] accumulation dtype: c (LSTM) or h (GRU), in and out
-    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] accumulation dtype (when SAVE)
+    saved_ptr, cs_ptr,                  # [T, B, NUM_SAVED*H], [T, B, H] storage dtype (when SAVE)
     lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
     sync_ptr, error_ptr,                # [groups] int32 arrivals (zeroed), [1] int32 error flag
     T, B, H, reverse, s_begin, s_end, max_spins,
@@ -220,7 +220,7 @@ def _gather(w, w_n, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, off
     if CELL == GRU:
         dq = split_slots(dqn_ptr, t, state_stride_t, offs_b, H, rows, H, k0, BLOCK_K, SPLIT, 1)
         acc = tl.dot(w_n, dq.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
-    return tl.sum(acc, axis=0)
+    return sum_slices(acc)
 
 
 @triton.jit
@@ -315,9 +315,10 @@ def cooperative_bwd_kernel(
             c_new = state0
             prev = state0
             if CELL == LSTM:
-                c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0)
+                c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step,
+                                other=0.0).to(ACC)
                 prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step,
-                               other=0.0)
+                               other=0.0).to(ACC)
             if CELL == GRU:
                 prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u)),
                                mask=step, other=0.0).to(ACC)

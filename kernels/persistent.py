@@ -53,7 +53,7 @@ def persistent_fwd_kernel(
     h0_ptr, c0_ptr,                     # [D, B, H] contiguous (read when HAS_H0)
     y_ptr, stride_y_t, stride_y_b,      # [T, B, D*H] output
     hn_ptr, cn_ptr,                     # [D, B, H] final states
-    saved_ptr, cs_ptr,                  # [D, T, B, NUM_SAVED*H], [D, T, B, H] accumulation dtype (SAVE)
+    saved_ptr, cs_ptr,                  # [D, T, B, NUM_SAVED*H], [D, T, B, H] storage dtype (SAVE)
     lengths_ptr,                        # [B] int32 sequence lengths (read when HAS_LENGTHS; else all T)
     T, B, H, reverse,                   # reverse: 1 runs direction 0 last step first (see above)
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
@@ -222,8 +222,9 @@ def persistent_bwd_kernel(
         c_new = state0
         prev = state0
         if CELL == LSTM:
-            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0)
-            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step, other=0.0)
+            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0).to(ACC)
+            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step,
+                           other=0.0).to(ACC)
         if CELL == GRU:
             prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=step, other=0.0).to(ACC)
         prev = tl.where(has_prev, prev, state0)

@@ -141,7 +141,7 @@ def split_dot(w, x, acc, PRECISION: tl.constexpr):
     N] (``split_k``'s slices) multiply slice by slice, one slice per warp, and the SPLIT partial
     products are summed. An [M, K] @ [K, N] dot with M = 16 would give every warp the whole product
     (warps split M and N only); this gives each warp a 1/SPLIT share of it."""
-    return acc + tl.sum(tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION), axis=0)
+    return acc + sum_slices(tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION))
 
 
 @triton.jit
@@ -190,3 +190,19 @@ def split_slots(ptr, t, stride_t, offs_b, stride_b, rows, H, k0, BLOCK_K: tl.con
             + tl.arange(0, SLOTS)[None, :, None, None] * H + k)
     x = tl.load(ptr + offs, mask=(k < H) & rows[None, None, None, :], other=0.0, cache_modifier=".cg")
     return tl.reshape(x, [SPLIT, SLOTS * KS, x.shape[3]])
+
+
+@triton.jit
+def sum_slices(p):
+    """p [SPLIT, M, N] summed over its first axis, as pairwise splits of the last axis."""
+    p = tl.permute(p, (1, 2, 0))
+    if p.shape[2] >= 8:
+        a, b = tl.split(tl.reshape(p, [p.shape[0], p.shape[1], p.shape[2] // 2, 2]))
+        p = a + b
+    if p.shape[2] >= 4:
+        a, b = tl.split(tl.reshape(p, [p.shape[0], p.shape[1], p.shape[2] // 2, 2]))
+        p = a + b
+    if p.shape[2] >= 2:
+        a, b = tl.split(tl.reshape(p, [p.shape[0], p.shape[1], p.shape[2] // 2, 2]))
+        p = a + b
+    return tl.reshape(p, [p.shape[0], p.shape[1]])

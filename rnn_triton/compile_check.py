@@ -82,7 +82,7 @@ class Result:
 
 
 def _signature(fn, dtype, constexprs):
-    """Pointer args in the storage dtype, saved/cs in fp32, ints as i32, constexprs as such."""
+    """Pointer args in the storage dtype, the carry in fp32, ints as i32, constexprs as such."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -90,7 +90,7 @@ def _signature(fn, dtype, constexprs):
         elif name in ("sync_ptr", "error_ptr", "lengths_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("saved_ptr", "cs_ptr", "carry_ptr") else _PTR[dtype]
+            sig[name] = "*fp32" if name == "carry_ptr" else _PTR[dtype]
         else:
             sig[name] = "i32"
     return sig
@@ -129,14 +129,17 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
                  aligned, precision, block_u, w_chunk if kernel.startswith("coop") else 0)
     unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
-    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps, cached=cached)
+    from .dispatch import MAXNREG
+    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps, cached=cached,
+                   maxnreg=MAXNREG)
 
 
-def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, cached=True):
+def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, cached=True, maxnreg=None):
     """Compile ``fn`` for sm_90 and fill ``res``'s registers, spill_bytes, shared_bytes, tensor_cores,
     mma_layouts and sass, or its error. With ``res.aligned``, every pointer and integer argument but
     ``never_divisible`` is assumed divisible by 16, as Triton specialises them at launch. With
-    ``cached``, a build key already in ``BUILDS_FILE`` (or ``LOCAL_DIR``) is not compiled again."""
+    ``cached``, a build key already in ``BUILDS_FILE`` (or ``LOCAL_DIR``) is not compiled again.
+    ``maxnreg``: ptxas' register bound, as the launch passes it (the time loops' kernels)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -147,6 +150,8 @@ def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, 
              if res.aligned and sig[name] != "constexpr" and name not in never_divisible}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     res.key = build_key(src, options)
     known = _builds().get(res.key) if cached else None
     if known is not None and known.get("analysis") == analysis_version():

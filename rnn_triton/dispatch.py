@@ -29,7 +29,7 @@ class Cell:
     name: str
     kernel_id: int    # kernels.cells: LSTM=0, GRU=1, RNN_TANH=2, RNN_RELU=3
     num_gates: int    # gate blocks in W_ih / W_hh
-    num_saved: int    # fp32 slots per step saved for backward
+    num_saved: int    # slots per step saved for backward (storage dtype: kernels/cells.py)
 
 
 CELLS = {
@@ -44,9 +44,10 @@ CELLS = {
 #: BLOCK_H, the next power of two. any_h False: only for H a multiple of 16, where Triton specialises
 #: every size and stride as 16-divisible and the weight loads vectorise; other H at that BLOCK_H spill.
 _LSTM_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
-_GRU_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, True)}
+_GRU_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
 _RNN_HALF = {16: (4, True), 32: (4, True), 64: (8, True), 128: (8, True), 256: (8, False)}
 _RNN_FP32 = {16: (4, True), 32: (4, True), 64: (8, True)}
+_RNN_TANH_FP32 = {16: (4, True), 32: (4, True), 64: (8, False)}  # (IEEE fp32: H = 64 unaligned spills)
 TILE_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_HALF,
     ("LSTM", torch.bfloat16): _LSTM_HALF,
@@ -56,7 +57,7 @@ TILE_CONFIGS = {
     ("GRU", torch.float32): {16: (4, True), 32: (8, True), 64: (8, False)},
     ("RNN_TANH", torch.float16): _RNN_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_HALF,
-    ("RNN_TANH", torch.float32): _RNN_FP32,
+    ("RNN_TANH", torch.float32): _RNN_TANH_FP32,
     ("RNN_RELU", torch.float16): _RNN_HALF,
     ("RNN_RELU", torch.bfloat16): _RNN_HALF,
     ("RNN_RELU", torch.float32): _RNN_FP32,
@@ -64,13 +65,12 @@ TILE_CONFIGS = {
 
 #: Tile configurations that take any H, but with per-row lengths (PackedSequence input) only H a
 #: multiple of 16: the backward's extra state spills otherwise (compile check, kernels "*_packed").
-PACKED_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 128),
-                          ("RNN_TANH", torch.float32, 64), ("RNN_RELU", torch.float32, 64)}
+PACKED_MULTIPLES_OF_16 = {("RNN_RELU", torch.float32, 64)}
 
 #: Tile configurations whose two-direction build (both directions of a layer in one launch,
 #: ``DIRECTIONS=2``) spills at any H: there, H not a multiple of 16 runs its directions one after the
 #: other (compile check, kernels "*_bidir").
-BIDIR_MULTIPLES_OF_16 = {("GRU", torch.float16, 128), ("GRU", torch.bfloat16, 128)}
+BIDIR_MULTIPLES_OF_16 = set()  # none at present (the GRU's half-precision 128 takes multiples of 16 only)
 
 
 def directions_in_one_launch(cell: str, dtype: torch.dtype, block_h: int, hidden_size: int) -> bool:
@@ -113,49 +113,54 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Hidden units per cooperative program: the smallest M of a tensor-core dot. Each program keeps its
 #: units' rows of every gate, NUM_GATES x 16 x H weights, on chip; 32 units would spill.
 BLOCK_U = 16
+#: Registers per thread the time loops' kernels may take (ptxas ``.maxnreg``). Without a bound ptxas
+#: aims at the next occupancy step (64, 80, 128 registers) and spills a few bytes to reach it; a
+#: persistent program runs alone on its SM (a cooperative one needs its own SM only), so it gets the
+#: whole register file's share.
+MAXNREG = 255
 _C = CoopConfig
 _K = 1024
-# (No 128 build: the tile kernel takes multiples of 16 up to 128, and the bf16 build spills; other H
-# in (64, 128] take the 256 build.) H not a multiple of 16 spills with the weights on chip past 256:
-# there ``unaligned`` re-reads them from L2 in chunks.
-_LSTM_ANY_H = _C(8, True, 255, 40 * _K, w_chunk=256, fwd_chunk=256)
-_LSTM_COOP = {256: _C(8, True, 240, 32 * _K),
-              512: _C(8, False, 248, 32 * _K, packed_registers=255, unaligned=_LSTM_ANY_H),
-              1024: _C(8, False, 255, 160 * _K, w_chunk=512, unaligned=_LSTM_ANY_H)}
-# bf16 at 256 spills (8 bytes, the forward): a bf16 GRU of H = 129..256 takes the 512 build.
-_GRU_ANY_H = _C(8, True, 254, 32 * _K, w_chunk=256, fwd_chunk=256)
-_GRU_COOP_FP16 = {256: _C(8, False, 216, 16 * _K, unaligned=_C(8, True, 216, 16 * _K, w_chunk=128, fwd_chunk=128)),
-                  512: _C(8, False, 240, 32 * _K, unaligned=_GRU_ANY_H),
-                  1024: _C(8, False, 248, 128 * _K, w_chunk=512, unaligned=_GRU_ANY_H)}
+# Weights on chip (w_chunk = fwd_chunk = 0) wherever that build fits without spilling; ``unaligned``
+# (H not a multiple of 16) and the chunked entries re-read W_hh / W_hh^T from L2 where it does not.
+# (No LSTM 128 build: the tile kernel takes multiples of 16 up to 128; other H in (64, 128] take 256.)
+_LSTM_COOP = {256: _C(8, True, 194, 32 * _K),
+              512: _C(8, True, 252, 64 * _K),
+              # H not a multiple of 16 spills there with the weights on chip (32-520 bytes)
+              1024: _C(8, False, 194, 160 * _K, unaligned=_C(8, True, 206, 40 * _K, w_chunk=256, fwd_chunk=256))}
+# (No bf16 256 entry: that build spilled before the cell math stopped being replicated and has not
+# been tried since; a bf16 GRU of H = 129..256 takes the 512 build.)
+_GRU_COOP_FP16 = {256: _C(8, True, 192, 16 * _K),
+                  512: _C(8, True, 233, 32 * _K),
+                  # the backward for H not a multiple of 16 spills with W_hh^T on chip
+                  1024: _C(8, False, 246, 128 * _K, unaligned=_C(8, True, 238, 128 * _K, w_chunk=256))}
 _GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
-_RNN_COOP_HALF = {256: _C(8, True, 104, 12 * _K), 512: _C(8, True, 128, 20 * _K),
-                  1024: _C(8, True, 208, 36 * _K),
-                  2048: _C(8, False, 208, 68 * _K)}  # (any H re-reading in chunks of 512 spills: 16-32 bytes)
+_RNN_COOP_HALF = {256: _C(8, True, 86, 12 * _K), 512: _C(8, True, 114, 20 * _K),
+                  1024: _C(8, True, 185, 36 * _K),
+                  2048: _C(8, False, 190, 68 * _K)}  # (any H on chip spills: 255 registers)
 # float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
-# torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds spill
-# with a whole tile at once and so re-read W_hh (the forward past 256) and W_hh^T (the backward) in
-# chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
-# The tanh RNN's backward at 1024 with W_hh^T on chip spills (16 bytes): re-read there in TF32 too.
-_RNN_COOP_FP32 = {128: _C(4, True, 94, 16 * _K, ieee=_C(4, True, 201, 16 * _K)),
-                  256: _C(8, True, 114, 32 * _K, ieee=_C(8, True, 193, 32 * _K)),
-                  512: _C(8, True, 110, 64 * _K, ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
-                  1024: _C(8, True, 162, 128 * _K, w_chunk=512,
-                           ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256)),
-                  2048: _C(8, True, 160, 64 * _K, w_chunk=512, fwd_chunk=512,
-                           ieee=_C(8, True, 121, 32 * _K, w_chunk=256, fwd_chunk=256))}
-_LSTM_COOP_FP32 = {128: _C(8, True, 212, 64 * _K, ieee=_C(8, True, 202, 64 * _K, w_chunk=128)),
-                   256: _C(8, True, 200, 96 * _K, ieee=_C(8, True, 229, 80 * _K, w_chunk=128)),
-                   512: _C(8, True, 242, 192 * _K, packed_registers=252,
-                           ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256)),
-                   1024: _C(8, True, 254, 80 * _K, w_chunk=256, fwd_chunk=256,
-                            ieee=_C(8, True, 232, 128 * _K, w_chunk=256, fwd_chunk=256))}
-# TF32 at 256: the forward with lengths spills for H not a multiple of 16 (8 bytes): the 512 build takes it.
-_GRU_COOP_FP32 = {128: _C(8, True, 210, 40 * _K, ieee=_C(8, True, 199, 40 * _K, w_chunk=128)),
-                  256: _C(8, True, 224, 80 * _K, packed_any_h=False, ieee=_C(8, True, 223, 64 * _K, w_chunk=128)),
-                  512: _C(8, True, 212, 160 * _K, packed_registers=232,
-                          ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256, packed_registers=252)),
-                  1024: _C(8, True, 232, 64 * _K, w_chunk=256, fwd_chunk=256, packed_registers=246,
-                           ieee=_C(8, True, 250, 80 * _K, w_chunk=256, fwd_chunk=256, packed_registers=252))}
+# torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds hold
+# more per thread and so re-read W_hh^T (the LSTM's and GRU's backward past 128) and W_hh (past 256)
+# in chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
+_RNN_COOP_FP32 = {128: _C(4, True, 96, 16 * _K, ieee=_C(4, True, 104, 16 * _K)),
+                  256: _C(8, True, 98, 32 * _K, ieee=_C(8, True, 96, 32 * _K)),
+                  512: _C(8, True, 120, 64 * _K, ieee=_C(8, True, 96, 64 * _K)),
+                  1024: _C(8, True, 144, 128 * _K, ieee=_C(8, True, 150, 128 * _K)),
+                  2048: _C(8, True, 148, 64 * _K, w_chunk=512, fwd_chunk=512,
+                           ieee=_C(8, True, 104, 32 * _K, w_chunk=256, fwd_chunk=256))}
+_LSTM_COOP_FP32 = {128: _C(8, True, 136, 64 * _K, ieee=_C(8, True, 190, 64 * _K, w_chunk=128)),
+                   256: _C(8, True, 166, 96 * _K, ieee=_C(8, True, 210, 80 * _K, w_chunk=128)),
+                   512: _C(8, True, 202, 192 * _K,
+                           ieee=_C(8, True, 254, 128 * _K, w_chunk=256, fwd_chunk=256)),
+                   1024: _C(8, True, 232, 80 * _K, w_chunk=256, fwd_chunk=256,
+                            ieee=_C(8, True, 254, 128 * _K, w_chunk=256, fwd_chunk=256))}
+_GRU_IEEE_1024 = _C(8, True, 240, 80 * _K, w_chunk=256, fwd_chunk=256)
+_GRU_COOP_FP32 = {128: _C(8, True, 140, 40 * _K, ieee=_C(8, True, 207, 40 * _K)),
+                  256: _C(8, True, 166, 80 * _K, ieee=_C(8, True, 202, 64 * _K, w_chunk=128)),
+                  512: _C(8, True, 210, 160 * _K,
+                          ieee=_C(8, True, 240, 80 * _K, w_chunk=256, fwd_chunk=256)),
+                  # TF32: W_hh^T on chip in the backward for H a multiple of 16 (224 KB of shared memory)
+                  1024: _C(8, False, 210, 224 * _K, fwd_chunk=256, ieee=_GRU_IEEE_1024,
+                           unaligned=_C(8, True, 220, 64 * _K, w_chunk=256, fwd_chunk=256, ieee=_GRU_IEEE_1024))}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
 #: check. LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
@@ -270,7 +275,7 @@ def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, varia
     key = (cell, torch.float32 if dtype == torch.float64 else dtype)
     sizes = [bh for bh, (_, any_h) in TILE_CONFIGS.get(key, {}).items() if any_h or multiple_of_16]
     if variant == "any":
-        sizes += [bk for bk, c in COOP_CONFIGS.get(key, {}).items() if c.any_h or multiple_of_16]
+        sizes += [bk for bk, c in COOP_CONFIGS.get(key, {}).items() if c.any_h or c.unaligned or multiple_of_16]
     return max(sizes, default=0)
 
 

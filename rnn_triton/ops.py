@@ -33,6 +33,9 @@ _GRU = CELLS["GRU"].kernel_id
 #: waiting, where a step normally takes microseconds. Only a grid that is not all resident (which the
 #: dispatcher rules out, but another kernel on the GPU can cause) gets there.
 BARRIER_MAX_SPINS = 1 << 24
+#: The time loops' compile options beyond num_warps (CUDA's ptxas only; the compile check builds them
+#: with the same: ``dispatch.MAXNREG``).
+_OPTIONS = {} if torch.version.hip else {"maxnreg": dispatch.MAXNREG}
 
 
 def _precision(dtype: torch.dtype, device: torch.device):
@@ -113,8 +116,9 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     hn = xp.new_empty(D, B, H)
     cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
     acc = _acc_torch_dtype(xp.dtype)
-    saved = xp.new_empty(D, T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
-    cs = xp.new_empty(D, T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
+    # what backward needs, in the storage dtype: the pre-activations (kernels/cells.py) and c
+    saved = xp.new_empty(D, T, B, cell.num_saved * H) if save else xp.new_empty(0)
+    cs = xp.new_empty(D, T, B, H) if save and cell_id == _LSTM else xp.new_empty(0)
     if T == 0 or B == 0:  # no steps: the final state is the initial one
         hn.copy_(h0 if h0 is not None else torch.zeros_like(hn))
         if cell_id == _LSTM:
@@ -151,7 +155,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                 hn_d, cn_d, saved_d, cs_d, lengths if lengths is not None else hn_d,
                 T, B, H, rev,
                 BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
-                **constexprs, num_warps=num_warps, num_stages=1,
+                **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
             )
             runtime.launches["persistent_fwd"] += 1
             continue
@@ -214,7 +218,8 @@ def _run_cooperative(kernel, variant, grid, T, direction, runs, constexprs, num_
             error = torch.zeros(1, dtype=torch.int32, device=device)
             for begin, end in launches:
                 kernel[grid](*args, sync, error, *sizes, begin, end, BARRIER_MAX_SPINS,
-                             COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1)
+                             COOPERATIVE=cooperative, **constexprs, num_warps=num_warps, num_stages=1,
+                             **_OPTIONS)
             errors.append(error)
     if concurrent:
         _join(streams)
@@ -261,7 +266,7 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
            grid, device.index)
     if key not in _resident_cache:
         compiled = kernel.warmup(*args, grid=grid, COOPERATIVE=True, **constexprs, num_warps=num_warps,
-                                 num_stages=1)
+                                 num_stages=1, **_OPTIONS)
         compiled._init_handles()
         props = dispatch.device_props(device)
         per_sm = dispatch.resident_blocks(props, num_warps, compiled.n_regs, compiled.metadata.shared)
@@ -276,11 +281,10 @@ def _(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, vari
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
     D = _num_directions(w_hh, cell_id)
-    acc = _acc_torch_dtype(xp.dtype)
     y = xp.new_empty(xp.shape[:-1] + (D * H,))
     cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
-    saved = xp.new_empty(D, T, B, cell.num_saved * H, dtype=acc) if save else xp.new_empty(0, dtype=acc)
-    cs = xp.new_empty(D, T, B, H, dtype=acc) if save and cell_id == _LSTM else xp.new_empty(0, dtype=acc)
+    saved = xp.new_empty(D, T, B, cell.num_saved * H) if save else xp.new_empty(0)
+    cs = xp.new_empty(D, T, B, H) if save and cell_id == _LSTM else xp.new_empty(0)
     return y, xp.new_empty(D, B, H), cn, saved, cs
 
 
@@ -345,7 +349,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                     lengths if lengths is not None else dh0_d,
                     T, B, H, rev,
                     BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
-                    **constexprs, num_warps=num_warps, num_stages=1,
+                    **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
                 )
                 runtime.launches["persistent_bwd"] += 1
                 continue
@@ -421,7 +425,7 @@ def _setup_context(ctx, inputs, output):
     ctx.unsaved = False
     # xp and b_hn are for a create_graph backward's recomputation (reference.recurrence) only: keeping
     # xp [T, B, D*G*H] until backward is the memory an exact second order costs (the saved slots hold
-    # activations, from which the pre-activations would come back only approximately).
+    # pre-activations rounded to the storage dtype, from which xp would come back only approximately).
     ctx.save_for_backward(xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs)
     ctx.args = (cell_id, reverse, batch_first, *config[:7])  # recurrent_bwd's: all but fwd_chunk
 

@@ -166,14 +166,14 @@ def test_packed_beyond_every_kernel_says_why():
 
 
 def test_packed_input_past_the_tile_kernels_packed_limit_goes_cooperative(seed):
-    """GRU half precision at BLOCK_H = 128 takes any H padded, but packed only multiples of 16 (its
-    build with lengths spills otherwise): packed H = 120 goes to the cooperative kernel that re-reads
-    W_hh in chunks (``CoopConfig.unaligned``), and matches torch.nn there."""
-    plan = dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2, packed=True)
+    """The float32 ReLU RNN at BLOCK_H = 64 takes any H padded, but packed only multiples of 16 (its
+    build with lengths spills otherwise): packed H = 50 goes to the cooperative kernel, and matches
+    torch.nn there."""
+    assert ("RNN_RELU", torch.float32, 64) in dispatch.PACKED_MULTIPLES_OF_16
+    plan = dispatch.choose("RNN_RELU", 50, torch.float32, DEVICE, 2, packed=True)
     assert plan.uses_triton and plan.config.variant in ("stepwise", "cooperative"), plan
-    assert plan.config.fwd_chunk and plan.config.w_chunk, plan
-    assert dispatch.choose("GRU", 120, torch.bfloat16, DEVICE, 2).config.variant == "tile-persistent"
-    _packed_case("GRU", [3, 5, 1], False, with_state=True, dtype=torch.bfloat16, H=120,
+    assert dispatch.choose("RNN_RELU", 50, torch.float32, DEVICE, 2).config.variant == "tile-persistent"
+    _packed_case("RNN_RELU", [3, 5, 1], False, with_state=True, dtype=torch.float32, H=50,
                  variant=plan.config.variant if DEVICE.type == "cpu" else None)
 
 
