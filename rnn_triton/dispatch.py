@@ -127,13 +127,10 @@ _LSTM_COOP = {256: _C(8, True, 194, 32 * _K),
               512: _C(8, True, 252, 64 * _K),
               # H not a multiple of 16 spills there with the weights on chip (32-520 bytes)
               1024: _C(8, False, 194, 160 * _K, unaligned=_C(8, True, 206, 40 * _K, w_chunk=256, fwd_chunk=256))}
-# (No bf16 256 entry: that build spilled before the cell math stopped being replicated and has not
-# been tried since; a bf16 GRU of H = 129..256 takes the 512 build.)
-_GRU_COOP_FP16 = {256: _C(8, True, 192, 16 * _K),
+_GRU_COOP_HALF = {256: _C(8, True, 192, 16 * _K),
                   512: _C(8, True, 233, 32 * _K),
                   # the backward for H not a multiple of 16 spills with W_hh^T on chip
                   1024: _C(8, False, 246, 128 * _K, unaligned=_C(8, True, 238, 128 * _K, w_chunk=256))}
-_GRU_COOP_BF16 = {k: c for k, c in _GRU_COOP_FP16.items() if k != 256}
 _RNN_COOP_HALF = {256: _C(8, True, 86, 12 * _K), 512: _C(8, True, 114, 20 * _K),
                   1024: _C(8, True, 185, 36 * _K),
                   2048: _C(8, False, 190, 68 * _K)}  # (any H on chip spills: 255 registers)
@@ -168,8 +165,8 @@ COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
     ("LSTM", torch.float32): _LSTM_COOP_FP32,
-    ("GRU", torch.float16): _GRU_COOP_FP16,
-    ("GRU", torch.bfloat16): _GRU_COOP_BF16,
+    ("GRU", torch.float16): _GRU_COOP_HALF,
+    ("GRU", torch.bfloat16): _GRU_COOP_HALF,
     ("GRU", torch.float32): _GRU_COOP_FP32,
     ("RNN_TANH", torch.float16): _RNN_COOP_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_COOP_HALF,

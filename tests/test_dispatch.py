@@ -46,14 +46,14 @@ def test_limits_per_dtype():
 
 
 def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
-    """bf16 GRU has no cooperative build at BLOCK_K = 256 (it spilled), so H = 129..256 pads K to 512 (multiples of
-    16, as that build takes); fp16's own 256 build fits. IEEE float32 (allow_tf32 off) runs its own
-    builds: past 256 they re-read W_hh in chunks (whole tiles spill on FMA)."""
+    """No cooperative half-precision GRU or LSTM build at BLOCK_K = 128 (the tile kernel takes H to 128,
+    the GRU's and LSTM's multiples of 16 only): other H there pad K to 256. IEEE float32
+    (allow_tf32 off) runs its own builds: past 256 they re-read W_hh in chunks (whole tiles spill on FMA)."""
     h200 = dispatch.H200
-    bf16 = dispatch.choose("GRU", 256, torch.bfloat16, CUDA, props=h200).config
-    assert bf16.variant == "cooperative" and bf16.block_h == 512
-    assert dispatch.choose("GRU", 256, torch.float16, CUDA, props=h200).config.block_h == 256
-    assert dispatch.choose("GRU", 200, torch.bfloat16, CUDA, props=h200).config.block_h == 512  # any H there
+    for dtype in (torch.bfloat16, torch.float16):
+        assert dispatch.choose("GRU", 256, dtype, CUDA, props=h200).config.block_h == 256
+        assert dispatch.choose("GRU", 100, dtype, CUDA, props=h200).config.block_h == 256  # any H there
+        assert dispatch.choose("GRU", 96, dtype, CUDA, props=h200).config.variant == "tile-persistent"
     # no cooperative LSTM build at 128 (the tile kernel takes its multiples of 16): H = 100 runs the 256 one
     assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
