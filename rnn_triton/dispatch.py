@@ -136,8 +136,8 @@ _RNN_COOP_HALF = {256: _C(8, True, 86, 12 * _K), 512: _C(8, True, 114, 20 * _K),
                   2048: _C(8, False, 190, 68 * _K)}  # (any H on chip spills: 255 registers)
 # float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
 # torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds hold
-# more per thread and so re-read W_hh^T (the LSTM's and GRU's backward past 128) and W_hh (past 256)
-# in chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
+# more per thread and so re-read W_hh^T (the LSTM's backward from 128, the GRU's past 128) and W_hh
+# (past 256) in chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
 _RNN_COOP_FP32 = {128: _C(4, True, 96, 16 * _K, ieee=_C(4, True, 104, 16 * _K)),
                   256: _C(8, True, 98, 32 * _K, ieee=_C(8, True, 96, 32 * _K)),
                   512: _C(8, True, 120, 64 * _K, ieee=_C(8, True, 96, 64 * _K)),
@@ -160,7 +160,7 @@ _GRU_COOP_FP32 = {128: _C(8, True, 140, 40 * _K, ieee=_C(8, True, 207, 40 * _K))
                            unaligned=_C(8, True, 220, 64 * _K, w_chunk=256, fwd_chunk=256, ieee=_GRU_IEEE_1024))}
 #: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
 #: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
-#: check. LSTM and GRU backward at 1024 only fit with W_hh^T re-read per step (w_chunk).
+#: check (w_chunk / fwd_chunk: where W_hh^T / W_hh are re-read from L2 every step).
 COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
