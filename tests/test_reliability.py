@@ -415,14 +415,13 @@ def test_saturated_gates_keep_their_gradients_in_bfloat16(cell, seed):
     ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     ours.to(DEVICE)
     x = torch.randn(6, 3, 8, dtype=torch.float64).to(torch.bfloat16)
-    xs = [x.to(DEVICE).detach().clone(), x.double()]
-    xs = [xi.requires_grad_() for xi in xs]
+    xs = [x.to(DEVICE).detach().clone().requires_grad_(), x.double().requires_grad_()]
     grad = torch.randn(6, 3, 32, dtype=torch.float64)
     before = dict(runtime.launches)
     for module, xi in zip((ours, ref), xs):
         (module(xi)[0].cpu().double() * grad).sum().backward()
     assert runtime.launches["persistent_bwd"] > before.get("persistent_bwd", 0)
-    # ~2e-2 at most (the pre-activations' own bfloat16 rounding, 2^-7 at 3..5); saved activations: 0.1-1
+    # ~2e-2 at most (the pre-activations' own bfloat16 rounding); gates saved in bf16 (simulated): 7e-2
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) < 4e-2, f"grad of {name}: {rel_err(p.grad, q.grad):.2e} (seed {seed})"
     assert rel_err(xs[0].grad, xs[1].grad) < 4e-2, f"grad of input: {rel_err(xs[0].grad, xs[1].grad):.2e}"
