@@ -5,7 +5,7 @@ from .dispatch import Plan, KernelConfig
 from .modules import GRU, LSTM, RNN
 from .cells import GRUCell, LSTMCell, RNNCell
 from .convert import ConversionWarning, convert, convert_back
-from .runtime import FallbackWarning
+from .runtime import FallbackWarning, interpreting, round_bfloat16_to_nearest_even
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "Plan", "KernelConfig", "convert", "convert_back",
            "FallbackWarning", "ConversionWarning"]
@@ -14,3 +14,6 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "Plan", "Kern
 # forward is a custom op Dynamo traces whole. It also lets Dynamo try torch.nn's own RNN modules
 # (experimental upstream) instead of refusing them: said in the README.
 torch._dynamo.config.allow_rnn = True
+
+if interpreting():
+    round_bfloat16_to_nearest_even()
