@@ -96,7 +96,9 @@ def _rows_if(offs_b, B, cond):
 # - Early release: a program arrives at the barrier right after storing what the others read (h_t; in
 #   the backward the gate gradients); its carry, saved slots and cell state are stored after.
 # - The sum over the K slices (``tiles.sum_slices``) leaves the [16, 16] result one element per thread,
-#   so the cell math runs once per unit and row, not once per warp. Not yet: K is padded to BLOCK_K.
+#   so the cell math runs once per unit and row, not once per warp.
+# - K is BLOCK_K + BLOCK_K2, two powers of two (768 = 512 + 256), so that H = 768 does not pay for 1024:
+#   the tail is a second set of tiles whose dot accumulates into the first's before the one sum.
 
 
 @triton.jit
@@ -113,8 +115,8 @@ def cooperative_fwd_kernel(
     T, B, H, reverse, s_begin, s_end, max_spins,
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    W_CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    SPLIT: tl.constexpr, W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
@@ -128,6 +130,11 @@ def cooperative_fwd_kernel(
     if W_CHUNK == 0:  # W_hh's rows of the program's units kept on chip (else re-read every step)
         w0, w1, w2, w3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, NUM_GATES,
                                                DOT_DTYPE, True)
+        v0, v1, v2, v3 = w0, w1, w2, w3  # K's tail, columns BLOCK_K .. BLOCK_K + BLOCK_K2 (unused without)
+        if BLOCK_K2 > 0:
+            v0, v1, v2, v3 = load_split_gate_tiles(w_hh_ptr, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, NUM_GATES,
+                                                   DOT_DTYPE, _tail_in_registers(NUM_GATES, BLOCK_U, BLOCK_K + BLOCK_K2,
+                                                                                 DOT_DTYPE, SPLIT))
     b_hn = tl.zeros([BLOCK_U, 1], ACC)
     if CELL == GRU:
         b_hn += tl.load(b_hn_ptr + offs_u[:, None], mask=mask_u[:, None], other=0.0).to(ACC)
@@ -176,7 +183,12 @@ def cooperative_fwd_kernel(
             if W_CHUNK == 0:
                 h_all = _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows_prev, H, 0,
                                 BLOCK_K, SPLIT, HAS_LENGTHS).to(DOT_DTYPE)
-                a0, a1, a2, a3 = _gate_dots(w0, w1, w2, w3, h_all, x0, x1, a2, x3, NUM_GATES, PRECISION)
+                h_tail = h_all
+                if BLOCK_K2 > 0:
+                    h_tail = _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows_prev, H,
+                                     BLOCK_K, BLOCK_K2, SPLIT, HAS_LENGTHS).to(DOT_DTYPE)
+                a0, a1, a2, a3 = _gate_dots(w0, w1, w2, w3, h_all, v0, v1, v2, v3, h_tail, x0, x1, a2, x3, NUM_GATES,
+                                            BLOCK_K2 > 0, PRECISION)
             else:  # W_k[units, :] from the cache, W_CHUNK columns at a time
                 a0 = x0
                 a1 = x1
@@ -186,7 +198,8 @@ def cooperative_fwd_kernel(
                                                            NUM_GATES, DOT_DTYPE, False)
                     h_all = _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows_prev, H,
                                     k0, W_CHUNK, SPLIT, HAS_LENGTHS).to(DOT_DTYPE)
-                    a0, a1, a2, a3 = _gate_dots(c0, c1, c2, c3, h_all, a0, a1, a2, a3, NUM_GATES, PRECISION)
+                    a0, a1, a2, a3 = _gate_dots(c0, c1, c2, c3, h_all, c0, c1, c2, c3, h_all, a0, a1, a2, a3,
+                                                NUM_GATES, False, PRECISION)
             h, c, s0, s1, s2, s3 = cell_forward(CELL, a0, a1, a2, a3, x2, 0.0, carry, carry)  # b_hn is in a2
             y_offs = step_offsets(t, stride_y_t, row_offsets(offs_b, stride_y_b, offs_u))
             tl.store(y_ptr + y_offs, h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -209,18 +222,18 @@ def cooperative_fwd_kernel(
 @triton.jit
 def _gather(w, w_n, dxp_ptr, dqn_ptr, t, stride_t, stride_b, state_stride_t, offs_b, rows, H, k0,
             BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, CELL: tl.constexpr, SLOTS: tl.constexpr,
-            DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """sum_k W_k[:, j]^T @ dr_k[t][j] over the gates k, for the units j = k0 .. k0 + BLOCK_K (t: [1,
-    rows]): the part of dLoss/dh_{t-1} that flows through them, as ``split_dot`` computes a product.
-    w: the tiles of W_k^T[units, j] of the gates k < SLOTS side by side along K
-    (``tiles.load_split_stacked_tiles``), whose dr_k are dxp's slots, read in one load; GRU's n-gate
-    (w_n) takes its dr from dqn. Other programs wrote dr: read from L2."""
+            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, acc):
+    """acc + sum_k W_k[:, j]^T @ dr_k[t][j] over the gates k, for the units j = k0 .. k0 + BLOCK_K (t:
+    [1, rows]): the part of dLoss/dh_{t-1} that flows through them, as ``split_dot``'s slices before
+    their sum (acc: [SPLIT, units, rows]). w: the tiles of W_k^T[units, j] of the gates k < SLOTS side
+    by side along K (``tiles.load_split_stacked_tiles``), whose dr_k are dxp's slots, read in one load;
+    GRU's n-gate (w_n) takes its dr from dqn. Other programs wrote dr: read from L2."""
     dr = split_slots(dxp_ptr, t, stride_t, offs_b, stride_b, rows, H, k0, BLOCK_K, SPLIT, SLOTS)
-    acc = tl.dot(w, dr.to(DOT_DTYPE), out_dtype=ACC, input_precision=PRECISION)
+    acc = tl.dot(w, dr.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
     if CELL == GRU:
         dq = split_slots(dqn_ptr, t, state_stride_t, offs_b, H, rows, H, k0, BLOCK_K, SPLIT, 1)
         acc = tl.dot(w_n, dq.to(DOT_DTYPE), acc=acc, input_precision=PRECISION)
-    return sum_slices(acc)
+    return acc
 
 
 @triton.jit
@@ -240,8 +253,8 @@ def cooperative_bwd_kernel(
     T, B, H, reverse, s_begin, s_end, max_spins,  # steps s_begin .. s_end-1 of 0 .. T
     CELL: tl.constexpr, NUM_GATES: tl.constexpr, NUM_SAVED: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, COOPERATIVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    W_CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    SPLIT: tl.constexpr, W_CHUNK: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_u = tl.program_id(0)
@@ -262,6 +275,16 @@ def cooperative_bwd_kernel(
         if CELL == GRU:
             w_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, 1, DOT_DTYPE,
                                            True)
+        v = w  # K's tail, as in the forward (unused without)
+        v_n = w_n
+        if BLOCK_K2 > 0:
+            TAIL_KEPT: tl.constexpr = _tail_in_registers(NUM_GATES, BLOCK_U, BLOCK_K + BLOCK_K2, DOT_DTYPE, SPLIT)
+            v = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, SLOTS, DOT_DTYPE,
+                                         TAIL_KEPT)
+            v_n = v
+            if CELL == GRU:
+                v_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, 1,
+                                               DOT_DTYPE, TAIL_KEPT)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
     counter = sync_ptr + group
@@ -331,8 +354,13 @@ def cooperative_bwd_kernel(
             # dh += sum_k W_k[:, units]^T @ dr_k of step s-1, all units (read from L2).
             t_rows = t_next + tl.zeros([1, BLOCK_B], tl.int32)  # per row, with lengths or without
             if W_CHUNK == 0:
-                dh += _gather(w, w_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t, offs_b,
-                              rows_prev, H, 0, BLOCK_K, SPLIT, CELL, SLOTS, DOT_DTYPE, ACC, PRECISION)
+                p = _gather(w, w_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t, offs_b,
+                            rows_prev, H, 0, BLOCK_K, SPLIT, CELL, SLOTS, DOT_DTYPE, PRECISION,
+                            tl.zeros([SPLIT, BLOCK_U, BLOCK_B], ACC))
+                if BLOCK_K2 > 0:
+                    p = _gather(v, v_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t, offs_b,
+                                rows_prev, H, BLOCK_K, BLOCK_K2, SPLIT, CELL, SLOTS, DOT_DTYPE, PRECISION, p)
+                dh += sum_slices(p)
             else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
                 for k0 in range(0, H, W_CHUNK):
                     c = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, SLOTS, DOT_DTYPE,
@@ -341,8 +369,9 @@ def cooperative_bwd_kernel(
                     if CELL == GRU:
                         c_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, 1,
                                                        DOT_DTYPE, False)
-                    dh += _gather(c, c_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b, state_stride_t,
-                                  offs_b, rows_prev, H, k0, W_CHUNK, SPLIT, CELL, SLOTS, DOT_DTYPE, ACC, PRECISION)
+                    dh += sum_slices(_gather(c, c_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
+                                             state_stride_t, offs_b, rows_prev, H, k0, W_CHUNK, SPLIT, CELL, SLOTS,
+                                             DOT_DTYPE, PRECISION, tl.zeros([SPLIT, BLOCK_U, BLOCK_B], ACC)))
             if CELL == GRU:
                 dh += carry
             d0, d1, d2, d3, dq2, dh_direct, dc = cell_backward(CELL, dh, carry, s0, s1, s2, s3, c_new, prev,
@@ -386,17 +415,37 @@ def _h_prev(h0_ptr, y_ptr, stride_y_t, stride_y_b, t_prev, first, offs_b, rows, 
 
 
 @triton.jit
-def _gate_dots(w0, w1, w2, w3, h, a0, a1, a2, a3, NUM_GATES: tl.constexpr, PRECISION: tl.constexpr):
-    """a_k + W_k @ h for the NUM_GATES gates (``split_dot``); the other slots repeat a0."""
-    a0 = split_dot(w0, h, a0, PRECISION)
+def _gate_dots(w0, w1, w2, w3, h, v0, v1, v2, v3, h_tail, a0, a1, a2, a3, NUM_GATES: tl.constexpr,
+               TAIL: tl.constexpr, PRECISION: tl.constexpr):
+    """a_k + W_k @ h for the NUM_GATES gates (``split_dot``), with TAIL + V_k @ h_tail (K's tail: both
+    dots' slices summed once); the other slots repeat a0."""
+    a0 = _split_dot_tail(w0, h, v0, h_tail, a0, TAIL, PRECISION)
     if NUM_GATES > 1:
-        a1 = split_dot(w1, h, a1, PRECISION)
-        a2 = split_dot(w2, h, a2, PRECISION)
+        a1 = _split_dot_tail(w1, h, v1, h_tail, a1, TAIL, PRECISION)
+        a2 = _split_dot_tail(w2, h, v2, h_tail, a2, TAIL, PRECISION)
     else:
         a1 = a0
         a2 = a0
     if NUM_GATES > 3:
-        a3 = split_dot(w3, h, a3, PRECISION)
+        a3 = _split_dot_tail(w3, h, v3, h_tail, a3, TAIL, PRECISION)
     else:
         a3 = a0
     return a0, a1, a2, a3
+
+
+@triton.jit
+def _split_dot_tail(w, x, v, x_tail, acc, TAIL: tl.constexpr, PRECISION: tl.constexpr):
+    """``split_dot``: acc + w @ x, and with TAIL + v @ x_tail, the tail's slices added before the sum."""
+    if TAIL:
+        p = tl.dot(w, x, out_dtype=acc.dtype, input_precision=PRECISION)
+        return acc + sum_slices(tl.dot(v, x_tail, acc=p, input_precision=PRECISION))
+    else:
+        return split_dot(w, x, acc, PRECISION)
+
+
+@triton.constexpr_function
+def _tail_in_registers(NUM_GATES: tl.constexpr, BLOCK_U: tl.constexpr, K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       SPLIT: tl.constexpr):
+    """Whether K's tail may join the first tiles in registers (``KEPT`` of ``tiles.load_split_gate_tiles``):
+    only where all K of the weights together stay within the tiles' register budget there."""
+    return NUM_GATES * BLOCK_U * K * DOT_DTYPE.primitive_bitwidth <= 64 * 32 * 32 * SPLIT

@@ -200,10 +200,10 @@ def import_peer(name: str, cubin_path: str, meta_path: str = None, tags=None) ->
     return path
 
 
-#: This project's own builds held to the same terms: the cooperative LSTM, bf16, BLOCK_K 1024 (H=768 pads
-#: to it), forward and backward, the builds of the cuDNN anchor (static_cost.CUDNN_ANCHOR).
-OWN = {"own_lstm_coop_fwd_1024": ("coop_fwd", "LSTM", "bfloat16", 1024),
-       "own_lstm_coop_bwd_1024": ("coop_bwd", "LSTM", "bfloat16", 1024)}
+#: This project's own builds held to the same terms: the cooperative LSTM, bf16, K 768 (512 + 256),
+#: forward and backward, the builds of the cuDNN anchor (static_cost.CUDNN_ANCHOR).
+OWN = {"own_lstm_coop_fwd_768": ("coop_fwd", "LSTM", "bfloat16", 768),
+       "own_lstm_coop_bwd_768": ("coop_bwd", "LSTM", "bfloat16", 768)}
 
 
 def import_own(cubin_dir: str) -> list:
@@ -405,7 +405,7 @@ def markdown(result) -> str:
     own = result.get("own_anchor") or []
     if own:
         parts += ["## The same terms on this project's anchor builds (per step, the loop only)", "",
-                  "LSTM H=768, B=16, bf16, cooperative BLOCK_K 1024 (the builds of static_cost's cuDNN anchor), "
+                  "LSTM H=768, B=16, bf16, cooperative K 768 (the builds of static_cost's cuDNN anchor), "
                   "time loop only (the GEMMs outside it left out); " + LABEL + ". cuDNN: published H100 time per "
                   "step (forward; backward = fwd+bwd - fwd), a measurement.", "",
                   "| build | programs | compute cycles | latency cycles | serial chain cycles | estimated µs/step "

@@ -105,7 +105,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     of 16: pointers and integers divisible by 16. Without it, nothing is assumed, as for H = 100."""
     import triton.language as tl
 
-    from .dispatch import CELLS
+    from .dispatch import CELLS, k_tiles
     from .kernels.cooperative import cooperative_bwd_kernel, cooperative_fwd_kernel
     from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
@@ -121,7 +121,8 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     # "_packed": with per-row lengths (PackedSequence input), a heavier build
     constexprs["HAS_LENGTHS"] = "_packed" in kernel
     if kernel.startswith("coop"):
-        constexprs.update(BLOCK_U=block_u, BLOCK_K=block_h, SPLIT=num_warps, COOPERATIVE=True, W_CHUNK=w_chunk)
+        constexprs.update(BLOCK_U=block_u, SPLIT=num_warps, COOPERATIVE=True, W_CHUNK=w_chunk,
+                          **k_tiles(block_h))
     else:
         constexprs.update(BLOCK_H=block_h, DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
     if "fwd" in kernel:

@@ -125,13 +125,17 @@ _K = 1024
 # (No LSTM 128 build: the tile kernel takes multiples of 16 up to 128; other H in (64, 128] take 256.)
 _LSTM_COOP = {256: _C(8, True, 194, 32 * _K),
               512: _C(8, True, 252, 64 * _K),
+              # K = 512 + 256: H not a multiple of 16 spills in the backward with W_hh^T on chip (40 bytes)
+              768: _C(8, False, 236, 64 * _K, unaligned=_C(8, True, 255, 56 * _K, w_chunk=256)),
               # H not a multiple of 16 spills there with the weights on chip (32-520 bytes)
               1024: _C(8, False, 194, 160 * _K, unaligned=_C(8, True, 206, 40 * _K, w_chunk=256, fwd_chunk=256))}
 _GRU_COOP_HALF = {256: _C(8, True, 192, 16 * _K),
                   512: _C(8, True, 233, 32 * _K),
+                  768: _C(8, True, 254, 56 * _K),
                   # the backward for H not a multiple of 16 spills with W_hh^T on chip
                   1024: _C(8, False, 246, 128 * _K, unaligned=_C(8, True, 238, 128 * _K, w_chunk=256))}
 _RNN_COOP_HALF = {256: _C(8, True, 86, 12 * _K), 512: _C(8, True, 114, 20 * _K),
+                  768: _C(8, True, 160, 24 * _K),
                   1024: _C(8, True, 185, 36 * _K),
                   2048: _C(8, False, 190, 68 * _K)}  # (any H on chip spills: 255 registers)
 # float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
@@ -158,9 +162,10 @@ _GRU_COOP_FP32 = {128: _C(8, True, 140, 40 * _K, ieee=_C(8, True, 207, 40 * _K))
                   # TF32: W_hh^T on chip in the backward for H a multiple of 16 (224 KB of shared memory)
                   1024: _C(8, False, 210, 224 * _K, fwd_chunk=256, ieee=_GRU_IEEE_1024,
                            unaligned=_C(8, True, 220, 64 * _K, w_chunk=256, fwd_chunk=256, ieee=_GRU_IEEE_1024))}
-#: The cooperative kernels' configurations, per cell and storage dtype: {BLOCK_K (H padded to a power
-#: of two, or beyond where that size has no configuration): CoopConfig}, read off the sm_90 compile
-#: check (w_chunk / fwd_chunk: where W_hh^T / W_hh are re-read from L2 every step).
+#: The cooperative kernels' configurations, per cell and storage dtype: {K (the H it takes, at most;
+#: the smallest K at or above H serves): CoopConfig}, read off the sm_90 compile check (w_chunk /
+#: fwd_chunk: where W_hh^T / W_hh are re-read from L2 every step). K is a power of two or the sum of
+#: two (768 = 512 + 256, ``k_tiles``), so that H = 768 does not pay for K = 1024.
 COOP_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_COOP,
     ("LSTM", torch.bfloat16): _LSTM_COOP,
@@ -192,7 +197,7 @@ def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "t
 class KernelConfig:
     variant: str      # "tile-persistent", "cooperative" or "stepwise"
     block_b: int      # batch rows per tile
-    block_h: int      # H padded to a power of two
+    block_h: int      # H padded: tile-persistent, to a power of two; cooperative, to its K (COOP_CONFIGS)
     num_warps: int
     block_u: int = 0  # cooperative / stepwise: hidden units per program
     groups: int = 0   # cooperative / stepwise: programs along the batch (each takes every groups-th tile)
@@ -260,6 +265,16 @@ class Plan:
                 "Python loop over the steps, O(T) memory)")
 
 
+def k_tiles(block_k: int) -> dict:
+    """A cooperative build's K (a ``COOP_CONFIGS`` key) as the kernels' two tiles: BLOCK_K, the largest
+    power of two within it, and BLOCK_K2, the rest (a power of two, or 0): 768 = 512 + 256."""
+    first = 1 << (block_k.bit_length() - 1)
+    rest = block_k - first
+    if rest & (rest - 1):
+        raise ValueError(f"a cooperative K of {block_k} is not a sum of two powers of two")
+    return {"BLOCK_K": first, "BLOCK_K2": rest}
+
+
 def block_h_for(hidden_size: int) -> int:
     """Hidden units padded to a power of two, at least 16 (the smallest K and N of a dot)."""
     return max(16, 1 << (hidden_size - 1).bit_length())
@@ -305,7 +320,7 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     # build does not fit); float32 on a GPU without allow_tf32 runs the IEEE builds (ops._precision)
     ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
     aligned = hidden_size % 16 == 0
-    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items() if bk >= block_h and (
+    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items() if bk >= hidden_size and (
         aligned or (c.any_h and (c.packed_any_h or not packed)) or (not c.any_h and c.unaligned)))
     block_h = fits[0] if fits else block_h
     coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32", aligned) if fits else None

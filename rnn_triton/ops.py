@@ -164,7 +164,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                       lengths if lengths is not None else hn_d), (T, B, H, rev)))
     if not tile:
         _run_cooperative(cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd", runs,
-                         dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=fwd_chunk,
+                         dict(constexprs, BLOCK_U=block_u, **dispatch.k_tiles(block_h), W_CHUNK=fwd_chunk,
                               HAS_LENGTHS=lengths is not None), num_warps)
         for d in range(D):  # each row's last h: at its own last step (past it the carry holds: cn is right)
             y_d, rev = _columns(y_tm, d, H), _reversed(reverse, d)
@@ -359,7 +359,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                           lengths if lengths is not None else dh0_d), (T, B, H, rev)))
         if not tile:
             _run_cooperative(cooperative_bwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "bwd", runs,
-                             dict(constexprs, BLOCK_U=block_u, BLOCK_K=block_h, W_CHUNK=w_chunk,
+                             dict(constexprs, BLOCK_U=block_u, **dispatch.k_tiles(block_h), W_CHUNK=w_chunk,
                                   HAS_LENGTHS=lengths is not None), num_warps)
             if cell_id == _LSTM:
                 dc0.copy_(carry)

@@ -112,16 +112,30 @@ def test_barrier_timeout_is_an_error_not_a_hang(monkeypatch):
 def test_modules_beyond_the_tile_kernel(cell, H, dtype, seed):
     """The modules take hidden sizes past the tile-persistent kernel through the cooperative kernels
     (stepwise in the interpreter), against torch.nn in float64, every gradient. (LSTM 300 and GRU 200
-    in bf16: H not a multiple of 16 with W_hh on chip; LSTM 600: re-read in chunks, as at BLOCK_K 1024.)"""
+    in bf16: H not a multiple of 16 with W_hh on chip; LSTM 600: K = 768, W_hh^T re-read in chunks.)"""
     module = CELLS[cell][0](7, H, **CELLS[cell][2]).to(dtype)
     plan = module.kernel_plan(torch.randn(3, 2, 7, device=DEVICE, dtype=dtype))
     assert plan.uses_triton and plan.config.variant in ("stepwise", "cooperative"), plan
-    assert H % 16 == 0 or H <= 512 or plan.config.fwd_chunk > 0
+    assert H % 16 == 0 or H <= 512 or plan.config.w_chunk > 0
     x = torch.randn(3, 2, 7, dtype=torch.float64)
     hx = torch.randn(1, 2, H, dtype=torch.float64)
     hx = (hx, torch.randn(1, 2, H, dtype=torch.float64)) if cell == "LSTM" else hx
     compare_with_torch(module, CELLS[cell][1], x, hx, seed)
     assert kernel_launches("fwd") > 0
+
+
+@pytest.mark.parametrize("cell,H", [("LSTM", 720), ("GRU", 700), ("RNN_TANH", 768)], ids=str)
+def test_k_is_two_tiles_past_512(cell, H, seed):
+    """H in (512, 768] pads K to 768 = 512 + 256, not 1024: the kernels' second K tile (BLOCK_K2) and
+    its share of h and of the weights, forward and backward, against torch.nn in float64."""
+    assert dispatch.k_tiles(768) == {"BLOCK_K": 512, "BLOCK_K2": 256}
+    assert dispatch.choose(cell, H, torch.bfloat16, torch.device("cuda"), props=H200).config.block_h == 768
+    module = CELLS[cell][0](7, H, **CELLS[cell][2]).to(torch.bfloat16)
+    plan = module.kernel_plan(torch.randn(3, 2, 7, device=DEVICE, dtype=torch.bfloat16))
+    assert plan.config.block_h == 768 and (plan.config.fwd_chunk, plan.config.w_chunk) == (0, 0), plan
+    hx = torch.randn(1, 2, H, dtype=torch.float64)
+    hx = (hx, torch.randn(1, 2, H, dtype=torch.float64)) if cell == "LSTM" else hx
+    compare_with_torch(module, CELLS[cell][1], torch.randn(3, 2, 7, dtype=torch.float64), hx, seed)
 
 
 # The capacity model, on made-up GPUs. Resource numbers are the compile check's (COOP_CONFIGS).
@@ -140,7 +154,7 @@ def test_resident_blocks_takes_the_tightest_limit():
 
 
 def _expected(props, cell, dtype, H, B, packed=False, directions=1):
-    coop = COOP_CONFIGS[(cell, dtype)][dispatch.block_h_for(H)]
+    coop = COOP_CONFIGS[(cell, dtype)][min(k for k in COOP_CONFIGS[(cell, dtype)] if k >= H)]  # its K
     capacity = props.sm_count * dispatch.resident_blocks(props, coop.num_warps, coop.registers_for(packed),
                                                          coop.shared_bytes)
     units, tiles = -(-H // BLOCK_U), -(-B // BLOCK_B)

@@ -45,6 +45,16 @@ def test_limits_per_dtype():
     assert not dispatch.choose("GRU", 2048, torch.bfloat16, CUDA, props=h200).uses_triton
 
 
+def test_cooperative_k_is_one_or_two_powers_of_two():
+    assert dispatch.k_tiles(1024) == {"BLOCK_K": 1024, "BLOCK_K2": 0}
+    assert dispatch.k_tiles(768) == {"BLOCK_K": 512, "BLOCK_K2": 256}
+    with pytest.raises(ValueError, match="896"):
+        dispatch.k_tiles(896)
+    for table in dispatch.COOP_CONFIGS.values():  # each warp's slice of the tail: a dot's K of 16 at least
+        for k, config in table.items():
+            assert dispatch.k_tiles(k)["BLOCK_K2"] in (0, *range(16 * config.num_warps, k, 16)), k
+
+
 def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
     """No cooperative half-precision GRU or LSTM build at BLOCK_K = 128 (the tile kernel takes H to 128,
     the GRU's and LSTM's multiples of 16 only): other H there pad K to 256. IEEE float32
