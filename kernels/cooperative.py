@@ -270,21 +270,12 @@ def cooperative_bwd_kernel(
     # The gates whose gradients are dxp's slots, side by side along K (GRU's n-gate apart: dqn's).
     SLOTS: tl.constexpr = 2 if CELL == GRU else NUM_GATES
     if W_CHUNK == 0:
-        w = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, SLOTS, DOT_DTYPE, True)
-        w_n = w
-        if CELL == GRU:
-            w_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, 1, DOT_DTYPE,
-                                           True)
+        w, w_n = _transposed_tiles(w_t_ptr, H, offs_u, mask_u, 0, BLOCK_K, SPLIT, CELL, SLOTS, DOT_DTYPE, True)
         v = w  # K's tail, as in the forward (unused without)
         v_n = w_n
         if BLOCK_K2 > 0:
-            TAIL_KEPT: tl.constexpr = _tail_in_registers(NUM_GATES, BLOCK_U, BLOCK_K + BLOCK_K2, DOT_DTYPE, SPLIT)
-            v = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, SLOTS, DOT_DTYPE,
-                                         TAIL_KEPT)
-            v_n = v
-            if CELL == GRU:
-                v_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, 1,
-                                               DOT_DTYPE, TAIL_KEPT)
+            v, v_n = _transposed_tiles(w_t_ptr, H, offs_u, mask_u, BLOCK_K, BLOCK_K2, SPLIT, CELL, SLOTS, DOT_DTYPE,
+                                       _tail_in_registers(NUM_GATES, BLOCK_U, BLOCK_K + BLOCK_K2, DOT_DTYPE, SPLIT))
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H
     state_stride_t = tl.cast(B, tl.int64) * H
     counter = sync_ptr + group
@@ -363,12 +354,8 @@ def cooperative_bwd_kernel(
                 dh += sum_slices(p)
             else:  # W_k^T[units, :] from the cache, W_CHUNK columns at a time
                 for k0 in range(0, H, W_CHUNK):
-                    c = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, SLOTS, DOT_DTYPE,
-                                                 False)
-                    c_n = c
-                    if CELL == GRU:
-                        c_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, 1,
-                                                       DOT_DTYPE, False)
+                    c, c_n = _transposed_tiles(w_t_ptr, H, offs_u, mask_u, k0, W_CHUNK, SPLIT, CELL, SLOTS, DOT_DTYPE,
+                                               False)
                     dh += sum_slices(_gather(c, c_n, dxp_ptr, dqn_ptr, t_rows, stride_dxp_t, stride_dxp_b,
                                              state_stride_t, offs_b, rows_prev, H, k0, W_CHUNK, SPLIT, CELL, SLOTS,
                                              DOT_DTYPE, PRECISION, tl.zeros([SPLIT, BLOCK_U, BLOCK_B], ACC)))
@@ -449,3 +436,16 @@ def _tail_in_registers(NUM_GATES: tl.constexpr, BLOCK_U: tl.constexpr, K: tl.con
     """Whether K's tail may join the first tiles in registers (``KEPT`` of ``tiles.load_split_gate_tiles``):
     only where all K of the weights together stay within the tiles' register budget there."""
     return NUM_GATES * BLOCK_U * K * DOT_DTYPE.primitive_bitwidth <= 64 * 32 * 32 * SPLIT
+
+
+
+@triton.jit
+def _transposed_tiles(w_t_ptr, H, offs_u, mask_u, k0, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, CELL: tl.constexpr,
+                      SLOTS: tl.constexpr, DOT_DTYPE: tl.constexpr, KEPT: tl.constexpr):
+    """The backward's W_k^T[units, k0 : k0 + BLOCK_K] for ``_gather``: the gates k < SLOTS side by side
+    along K, and GRU's n-gate apart (the first again for the other cells)."""
+    w = load_split_stacked_tiles(w_t_ptr, H, offs_u, mask_u, k0, BLOCK_K, SPLIT, SLOTS, DOT_DTYPE, KEPT)
+    w_n = w
+    if CELL == GRU:
+        w_n = load_split_stacked_tiles(w_t_ptr + 2 * H * H, H, offs_u, mask_u, k0, BLOCK_K, SPLIT, 1, DOT_DTYPE, KEPT)
+    return w, w_n

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_gate_tiles, load_slots, row_offsets, row_steps, step_offsets, store_slots
+from .tiles import load_gate_tiles, load_slots_at_once, row_offsets, row_steps, step_offsets, store_slots
 
 
 @triton.jit
@@ -107,8 +107,9 @@ def persistent_fwd_kernel(
         else:
             t = s + reverse * (T - 1 - 2 * s)
             step = mask
-        x0, x1, x2, x3 = load_slots(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES,
-                                     ACC)
+        # a tensor's gate slots in one load: one round trip, not one per slot (tiles.load_slots_at_once)
+        x0, x1, x2, x3 = load_slots_at_once(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES,
+                                             ACC)
         hd = h.to(DOT_DTYPE)
         # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
         # live. GRU's n-slot keeps h @ W_n^T apart, since r multiplies it alone.
@@ -217,8 +218,8 @@ def persistent_bwd_kernel(
         t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)
         has_prev = fs > 0
         dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=step, other=0.0).to(ACC)
-        s0, s1, s2, s3 = load_slots(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step,
-                                    NUM_SAVED, ACC)
+        s0, s1, s2, s3 = load_slots_at_once(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step,
+                                            NUM_SAVED, ACC)
         c_new = state0
         prev = state0
         if CELL == LSTM:
