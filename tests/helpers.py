@@ -67,7 +67,7 @@ def compare_with_torch(ours: torch.nn.Module, ref_cls, x: torch.Tensor, hx, seed
     relu_half = getattr(ours, "mode", "") == "RNN_RELU" and dtype in HALF_TYPES
     on_pattern = copy.deepcopy(ref) if relu_half else None
     before = dict(runtime.launches)
-    with _layer_outputs() if relu_half else nullcontext([]) as layer_outputs:  # only ReLU needs them
+    with recorded_layer_outputs() if relu_half else nullcontext([]) as layer_outputs:  # only ReLU needs them
         outs = call(ours, ours_in)
     refs = call(ref, ref_in)
     grads = [torch.randn_like(r) for r in refs]
@@ -127,7 +127,7 @@ def _torch_errors_in(dtype, ref, ref_in, call, grads, exact):
 
 
 @contextmanager
-def _layer_outputs():
+def recorded_layer_outputs():
     """Collects each layer's output (all its directions) as our modules compute it, in the order run."""
     seen = []
     original = modules.recurrent_directions
@@ -144,14 +144,16 @@ def _layer_outputs():
         modules.recurrent_directions = original
 
 
-def relu_rnn_on_pattern(ref: torch.nn.RNN, x: torch.Tensor, hx, patterns):
+def relu_rnn_on_pattern(ref: torch.nn.RNN, x: torch.Tensor, hx, patterns, lengths=None):
     """torch.nn.RNN(nonlinearity="relu")'s forward in float64 with ReLU's on/off pattern given:
 
         h_t = m_t * (W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),   m_t = 1 where the given h_t > 0, else 0
 
     ``patterns``: per layer, that layer's output ([T, B, D*H], or [B, T, D*H] when batch_first) whose
     signs set m. Away from the flips this is torch.nn's function; its gradient is the exact gradient
-    of the piecewise-linear function our half-precision forward selected. Returns (output, h_n)."""
+    of the piecewise-linear function our half-precision forward selected. ``lengths`` (a list, padded
+    ``x``): row b steps only for t < lengths[b], as a PackedSequence does (the reverse direction starts
+    at its own last element; h_n is its last state; the output past its end is 0). Returns (output, h_n)."""
     unbatched = x.dim() == 2
     if unbatched:
         x, hx = x.unsqueeze(1), (None if hx is None else hx.unsqueeze(1))
@@ -169,8 +171,11 @@ def relu_rnn_on_pattern(ref: torch.nn.RNN, x: torch.Tensor, hx, patterns):
             h = hx[layer * D + d] if hx is not None else x.new_zeros(B, H)
             ys = [None] * T
             for t in (reversed(range(T)) if d else range(T)):
-                h = (x[t] @ w_ih.T + bias + h @ w_hh.T) * patterns[layer][t, :, d * H:(d + 1) * H]
-                ys[t] = h
+                step = (x[t] @ w_ih.T + bias + h @ w_hh.T) * patterns[layer][t, :, d * H:(d + 1) * H]
+                live = x.new_ones(B, 1) if lengths is None else \
+                    torch.tensor([[float(t < n)] for n in lengths], dtype=x.dtype)
+                h = live * step + (1 - live) * h
+                ys[t] = live * step
             outputs.append(torch.stack(ys))
             hn.append(h)
         x = torch.cat(outputs, -1)

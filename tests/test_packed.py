@@ -10,9 +10,10 @@ from rnn_triton import dispatch, runtime
 from rnn_triton.dispatch import BLOCK_B, BLOCK_U, KernelConfig, Plan
 
 import copy
+from contextlib import nullcontext
 
-from helpers import (DEVICE, HALF_TYPES, TOLERANCE, interpreter_only, kernel_launches,
-                     rel_err, twin)
+from helpers import (DEVICE, HALF_TYPES, TOLERANCE, interpreter_only, kernel_launches, recorded_layer_outputs,
+                     rel_err, relu_rnn_on_pattern, twin)
 
 CELLS = {
     "LSTM": (rnn_triton.LSTM, torch.nn.LSTM, {}),
@@ -40,6 +41,8 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
         states = [torch.randn(n, B, w, dtype=torch.float64).to(dtype) for w in widths]
     results = []
     before = dict(runtime.launches)
+    relu_half = cell == "RNN_RELU" and dtype in HALF_TYPES
+    on_pattern = copy.deepcopy(ref) if relu_half else None
     runs = [(ours, DEVICE, dtype), (ref, "cpu", torch.float64)]
     if dtype in HALF_TYPES:  # torch.nn's own error in this dtype sets the bar, as in helpers.py
         runs.append((copy.deepcopy(ref).to(dtype), "cpu", dtype))
@@ -48,7 +51,10 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
         hi = [s.to(device, in_dtype).detach().clone().requires_grad_() for s in states]
         packed = pack_padded_sequence(xi, torch.tensor(lengths), enforce_sorted=enforce_sorted)
         hx = None if not hi else (tuple(hi) if cell == "LSTM" else hi[0])
-        y, h = module(packed, hx)
+        with recorded_layer_outputs() if relu_half and module is ours else nullcontext([]) as layer_outputs:
+            y, h = module(packed, hx)
+        if layer_outputs:
+            patterns = [(o.cpu() > 0).double() for o in layer_outputs]  # padded, original row order
         assert isinstance(y, PackedSequence)
         assert torch.equal(y.batch_sizes, packed.batch_sizes)
         for a, b in ((y.sorted_indices, packed.sorted_indices), (y.unsorted_indices, packed.unsorted_indices)):
@@ -63,8 +69,17 @@ def _packed_case(cell, lengths, enforce_sorted, layers=1, bidirectional=False, w
     bounds = [TOLERANCE[dtype]] * len(got)
     if low:
         bounds = [max(b, 2 * rel_err(t, w)) for b, t, w in zip(bounds, low[0], want)]
-        # ReLU's half-precision gradients need the on-pattern reference (helpers.compare_with_torch)
-        assert cell != "RNN_RELU", "no packed ReLU case in half precision: this harness lacks its reference"
+    if relu_half:
+        # gradients against float64 on ReLU's on/off pattern as our forward computed it (why: see
+        # helpers.compare_with_torch); the outputs still against torch.nn
+        xi = x.double().requires_grad_()
+        hi = [s.double().requires_grad_() for s in states]
+        y, h = relu_rnn_on_pattern(on_pattern, xi, hi[0] if hi else None, patterns, lengths)
+        y = pack_padded_sequence(y, torch.tensor(lengths), enforce_sorted=enforce_sorted).data
+        sum((o * g).sum() for o, g in zip([y, h], grads)).backward()
+        n_outs = len(results[1][0])
+        want = want[:n_outs] + [xi.grad] + [s.grad for s in hi] + [p.grad for p in on_pattern.parameters()]
+        bounds = bounds[:n_outs] + [TOLERANCE[dtype]] * (len(want) - n_outs)
     for i, (a, b, bound) in enumerate(zip(got, want, bounds)):
         assert a is not None and a.shape == b.shape, i
         assert rel_err(a, b) < bound, f"tensor {i}: {rel_err(a, b):.1e} >= {bound:.1e}"
@@ -97,6 +112,32 @@ def test_packed_projected_lstm(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_packed_lower_precision(dtype, seed):
     _packed_case("LSTM", [4, 9, 2], False, bidirectional=True, with_state=True, dtype=dtype)
+
+
+def test_packed_relu_in_bfloat16(seed):
+    """ReLU in half precision, whose gradients are checked on our forward's on/off pattern with the
+    rows' lengths (helpers.relu_rnn_on_pattern): two layers, both directions, unsorted."""
+    _packed_case("RNN_RELU", [4, 9, 2, 9], False, layers=2, bidirectional=True, with_state=True,
+                 dtype=torch.bfloat16)
+
+
+def test_relu_on_pattern_reference_with_lengths(seed):
+    """The on-pattern reference, given torch.nn's own float64 pattern, is torch.nn's packed ReLU RNN."""
+    ref = torch.nn.RNN(5, 8, num_layers=2, bidirectional=True, nonlinearity="relu").double()
+    lengths = [3, 6, 1, 6]
+    x, h0 = torch.randn(6, 4, 5, dtype=torch.float64), torch.randn(4, 4, 8, dtype=torch.float64)
+    outputs, layer_in = [], pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    for layer in range(2):  # torch's per-layer outputs give the pattern
+        one = torch.nn.RNN(layer_in.data.shape[-1], 8, bidirectional=True, nonlinearity="relu").double()
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for suffix in ("", "_reverse"):
+                setattr(one, f"{name}_l0{suffix}", getattr(ref, f"{name}_l{layer}{suffix}"))
+        layer_in, _ = one(layer_in, h0[2 * layer:2 * layer + 2])
+        outputs.append(torch.nn.utils.rnn.pad_packed_sequence(layer_in)[0])
+    y, hn = relu_rnn_on_pattern(ref, x, h0, [(o > 0).double() for o in outputs], lengths)
+    want_y, want_hn = ref(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False), h0)
+    packed_y = pack_padded_sequence(y, torch.tensor(lengths), enforce_sorted=False)
+    assert rel_err(packed_y.data, want_y.data) < 1e-12 and rel_err(hn, want_hn) < 1e-12
 
 
 def _cooperative_plan(monkeypatch, H, variant="stepwise", groups=1, w_chunk=0, fwd_chunk=0):
