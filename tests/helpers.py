@@ -161,6 +161,8 @@ def relu_rnn_on_pattern(ref: torch.nn.RNN, x: torch.Tensor, hx, patterns, length
         x, patterns = x.transpose(0, 1), [m.transpose(0, 1) for m in patterns]
     T, B, H = x.shape[0], x.shape[1], ref.hidden_size
     D = 2 if ref.bidirectional else 1
+    steps = torch.full((B,), T) if lengths is None else torch.tensor(lengths)
+    live = (torch.arange(T)[:, None, None] < steps[None, :, None]).to(x.dtype)  # [T, B, 1]: row b has step t
     hn = []
     for layer in range(ref.num_layers):
         outputs = []
@@ -172,10 +174,8 @@ def relu_rnn_on_pattern(ref: torch.nn.RNN, x: torch.Tensor, hx, patterns, length
             ys = [None] * T
             for t in (reversed(range(T)) if d else range(T)):
                 step = (x[t] @ w_ih.T + bias + h @ w_hh.T) * patterns[layer][t, :, d * H:(d + 1) * H]
-                live = x.new_ones(B, 1) if lengths is None else \
-                    torch.tensor([[float(t < n)] for n in lengths], dtype=x.dtype)
-                h = live * step + (1 - live) * h
-                ys[t] = live * step
+                h = live[t] * step + (1 - live[t]) * h
+                ys[t] = live[t] * step
             outputs.append(torch.stack(ys))
             hn.append(h)
         x = torch.cat(outputs, -1)
