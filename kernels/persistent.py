@@ -18,6 +18,10 @@ Backward, per program, reverse of the forward:
     dh0, dc0 <- dh, dc
 The weight gradients are not accumulated here: the host forms them from dxp with large GEMMs.
 
+Both loops load a step ahead what the recurrence does not produce (xp; the backward's dy, saved slots
+and states around the step), so each load's round trip overlaps the step before it; the loaded tiles
+are split into their slots and converted only when their step runs (``tiles.load_slot_tile``).
+
 Every tile is kept transposed, [BLOCK_H, BLOCK_B] (units x batch rows), so that the weight is the
 left operand of each dot: gates^T = W_k @ h^T. With 128 units that is an M=128 dot, which Hopper runs
 as wgmma reading W straight from shared memory; the other order would stream all of W through
@@ -42,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_backward, cell_forward
-from .tiles import load_gate_tiles, load_slots_at_once, row_offsets, row_steps, step_offsets, store_slots
+from .tiles import load_gate_tiles, load_slot_tile, row_offsets, row_steps, slots_of, step_offsets, store_slots
 
 
 @triton.jit
@@ -98,18 +102,19 @@ def persistent_fwd_kernel(
     saved_rows = row_offsets(offs_b, NUM_SAVED * H, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
+    lengths = offs_b  # (unread without lengths)
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
+    # Software pipelining: xp, which the recurrence does not produce, is loaded a step ahead (all its
+    # gate slots in one load), so its round trip overlaps the step before instead of starting this one.
+    t, step = _step_at(0, T, reverse, lengths, mask, HAS_LENGTHS)
+    ahead = load_slot_tile(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES)
     for s in range(T):
-        if HAS_LENGTHS:
-            t, live = row_steps(s, lengths, reverse, T)
-            step = mask & live  # a row past its length keeps its state and writes nothing
-        else:
-            t = s + reverse * (T - 1 - 2 * s)
-            step = mask
-        # a tensor's gate slots in one load: one round trip, not one per slot (tiles.load_slots_at_once)
-        x0, x1, x2, x3 = load_slots_at_once(xp_ptr + step_offsets(t, stride_xp_t, xp_rows), H, step, NUM_GATES,
-                                             ACC)
+        t, step = _step_at(s, T, reverse, lengths, mask, HAS_LENGTHS)  # (a row past its length: masked)
+        x0, x1, x2, x3 = slots_of(ahead, NUM_GATES, ACC)
+        # the next step's (the last step re-reads its own: in bounds, unused)
+        t_next, step_next = _step_at(tl.minimum(s + 1, T - 1), T, reverse, lengths, mask, HAS_LENGTHS)
+        ahead = load_slot_tile(xp_ptr + step_offsets(t_next, stride_xp_t, xp_rows), H, step_next, NUM_GATES)
         hd = h.to(DOT_DTYPE)
         # The input projection is the dot's accumulator: a_k = x_k + h @ W_k^T without another tile
         # live. GRU's n-slot keeps h @ W_n^T apart, since r multiplies it alone.
@@ -204,31 +209,25 @@ def persistent_bwd_kernel(
     dxp_rows = row_offsets(offs_b, stride_dxp_b, offs_h)
     saved_stride_t = tl.cast(B, tl.int64) * NUM_SAVED * H  # products of sizes in 64 bits too
     state_stride_t = tl.cast(B, tl.int64) * H
+    lengths = offs_b  # (unread without lengths)
     if HAS_LENGTHS:
         lengths = tl.load(lengths_ptr + offs_b, mask=offs_b < B, other=0)
+    # Software pipelining, as in the forward: what a step reads that the recurrence does not produce
+    # (dy, the saved slots, the states around it) is loaded a step ahead.
+    ahead = _backward_inputs(0, T, reverse, lengths, mask, dy_ptr, stride_dy_t, dy_rows, saved_ptr, saved_stride_t,
+                             saved_rows, cs_ptr, state_stride_t, state_offs, y_ptr, stride_y_t, y_rows, state0, H,
+                             CELL, NUM_SAVED, HAS_LENGTHS)
     for s in range(T):
-        fs = T - 1 - s  # the forward's steps, last first
-        if HAS_LENGTHS:
-            t, live = row_steps(fs, lengths, reverse, T)
-            step = mask & live  # a row without this step passes dh and dc through unchanged
-        else:
-            t = fs + reverse * (T - 1 - 2 * fs)
-            step = mask
-        # The step before t in the forward's order (clamped; at the first step state0 replaces it).
-        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)
-        has_prev = fs > 0
-        dh += tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=step, other=0.0).to(ACC)
-        s0, s1, s2, s3 = load_slots_at_once(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step,
-                                            NUM_SAVED, ACC)
-        c_new = state0
-        prev = state0
-        if CELL == LSTM:
-            c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0).to(ACC)
-            prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step,
-                           other=0.0).to(ACC)
-        if CELL == GRU:
-            prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=step, other=0.0).to(ACC)
-        prev = tl.where(has_prev, prev, state0)
+        t, step = _step_at(T - 1 - s, T, reverse, lengths, mask, HAS_LENGTHS)  # the forward's steps, last first
+        dy, saved, c_new, prev = ahead
+        s0, s1, s2, s3 = slots_of(saved, NUM_SAVED, ACC)
+        # the next step's (the last step re-reads its own: in bounds, unused)
+        ahead = _backward_inputs(tl.minimum(s + 1, T - 1), T, reverse, lengths, mask, dy_ptr, stride_dy_t, dy_rows,
+                                 saved_ptr, saved_stride_t, saved_rows, cs_ptr, state_stride_t, state_offs, y_ptr,
+                                 stride_y_t, y_rows, state0, H, CELL, NUM_SAVED, HAS_LENGTHS)
+        dh += dy.to(ACC)
+        c_new = c_new.to(ACC)
+        prev = tl.where(s < T - 1, prev.to(ACC), state0)  # the forward's first step follows state0
         d0, d1, d2, d3, dq2, dh_direct, dc_prev = cell_backward(CELL, dh, dc, s0, s1, s2, s3, c_new, prev,
                                                                 prev)
         store_slots(dxp_ptr + step_offsets(t, stride_dxp_t, dxp_rows), H, step, NUM_GATES, d0, d1, d2, d3)
@@ -255,3 +254,36 @@ def persistent_bwd_kernel(
     tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:
         tl.store(dc0_ptr + state_offs, dc.to(dc0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_at(s, T, reverse, lengths, mask, HAS_LENGTHS: tl.constexpr):
+    """The forward's s-th step: its time index t (a scalar, or per row with lengths) and the tile's
+    mask for it (with lengths: only the rows that have an s-th step)."""
+    if HAS_LENGTHS:
+        t, live = row_steps(s, lengths, reverse, T)
+        return t, mask & live
+    else:
+        return s + reverse * (T - 1 - 2 * s), mask
+
+
+@triton.jit
+def _backward_inputs(s, T, reverse, lengths, mask, dy_ptr, stride_dy_t, dy_rows, saved_ptr, saved_stride_t,
+                     saved_rows, cs_ptr, state_stride_t, state_offs, y_ptr, stride_y_t, y_rows, state0, H,
+                     CELL: tl.constexpr, NUM_SAVED: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """What the backward's s-th step (the forward's step T-1-s) reads and its recurrence does not
+    produce, as stored: dy[t], the saved slots of t (``load_slot_tile``), the LSTM's c_t, and the state
+    before t (c_{t-1}; GRU: h_{t-1}; unread at the forward's first step, where state0 is)."""
+    fs = T - 1 - s
+    t, step = _step_at(fs, T, reverse, lengths, mask, HAS_LENGTHS)
+    t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)  # the forward's step before t (clamped)
+    dy = tl.load(dy_ptr + step_offsets(t, stride_dy_t, dy_rows), mask=step, other=0.0)
+    saved = load_slot_tile(saved_ptr + step_offsets(t, saved_stride_t, saved_rows), H, step, NUM_SAVED)
+    c_new = state0  # (the LSTM's only)
+    prev = state0
+    if CELL == LSTM:
+        c_new = tl.load(cs_ptr + step_offsets(t, state_stride_t, state_offs), mask=step, other=0.0)
+        prev = tl.load(cs_ptr + step_offsets(t_prev, state_stride_t, state_offs), mask=step, other=0.0)
+    if CELL == GRU:
+        prev = tl.load(y_ptr + step_offsets(t_prev, stride_y_t, y_rows), mask=step, other=0.0)
+    return dy, saved, c_new, prev

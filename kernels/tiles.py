@@ -146,15 +146,32 @@ def split_dot(w, x, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def load_slots_at_once(ptr, H, mask, NUM: tl.constexpr, ACC: tl.constexpr):
-    """``load_slots`` in one load: a [units, rows, 4] tile of the NUM slots, split into them. One
-    load is one round trip, where separate loads each wait for their layout conversion; and a tile
-    with more elements than the program has threads gives the math that follows it its layout."""
+    """``load_slots`` in one load (``load_slot_tile``), split into the slots (``slots_of``). One load is
+    one round trip, where separate loads each wait for their layout conversion; and a tile with more
+    elements than the program has threads gives the math that follows it its layout."""
+    return slots_of(load_slot_tile(ptr, H, mask, NUM), NUM, ACC)
+
+
+@triton.jit
+def load_slot_tile(ptr, H, mask, NUM: tl.constexpr):
+    """The NUM consecutive H-wide slots at ptr (a tile of pointers) in one load, as stored: [units,
+    rows, 4] (slots past NUM read 0), or [units, rows] when NUM is 1. A time loop that loads it a step
+    ahead splits it (``slots_of``) only when the step uses it: the split's layout conversion waits for
+    the data, and there it has long arrived."""
     if NUM == 1:
-        s0 = tl.load(ptr, mask=mask, other=0.0).to(ACC)
-        return s0, s0, s0, s0
+        return tl.load(ptr, mask=mask, other=0.0)
     else:
         g = tl.arange(0, 4)[None, None, :]
-        x = tl.load(ptr[:, :, None] + g * H, mask=mask[:, :, None] & (g < NUM), other=0.0).to(ACC)
+        return tl.load(ptr[:, :, None] + g * H, mask=mask[:, :, None] & (g < NUM), other=0.0)
+
+
+@triton.jit
+def slots_of(x, NUM: tl.constexpr, ACC: tl.constexpr):
+    """The slots of a ``load_slot_tile`` tile in ACC; unused slots repeat slot 0."""
+    x = x.to(ACC)
+    if NUM == 1:
+        return x, x, x, x
+    else:
         even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))  # slots 0, 2 and 1, 3
         s0, s2 = tl.split(even)
         s1, s3 = tl.split(odd)

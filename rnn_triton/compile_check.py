@@ -75,7 +75,7 @@ class Result:
             return False
         if self.kernel.startswith("coop"):  # within what the capacity model assumes
             from .dispatch import coop_config
-            declared = coop_config(self.cell, getattr(torch, self.dtype), self.block_h, self.precision, self.aligned)
+            declared = coop_config(self.cell, getattr(torch, self.dtype), self.block_h, self.precision)
             return declared is None or (self.registers <= declared.registers_for(self.kernel.endswith("_packed"))
                                         and self.shared_bytes <= declared.shared_bytes)
         return True
@@ -103,6 +103,22 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     (cooperative, built with its barrier), each also as *_packed (with per-row lengths). ``aligned``
     mirrors the launch-time specialisation Triton applies when H (hence every stride) is a multiple
     of 16: pointers and integers divisible by 16. Without it, nothing is assumed, as for H = 100."""
+    fn, constexprs = kernel_and_constexprs(kernel, cell_name, dtype, block_h, block_b, num_warps, precision,
+                                           block_u, w_chunk)
+    res = Result(*_result_fields(kernel, cell_name, dtype, block_h, block_b, num_warps, aligned, precision, block_u,
+                                 w_chunk))
+    from .dispatch import MAXNREG
+    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, NEVER_DIVISIBLE, num_warps,
+                   cached=cached, maxnreg=MAXNREG)
+
+
+#: Integer arguments a build never assumes divisible by 16.
+NEVER_DIVISIBLE = ("T", "reverse", "s_begin", "s_end", "max_spins")
+
+
+def kernel_and_constexprs(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, block_b: int,
+                          num_warps: int, precision: str, block_u: int = 0, w_chunk: int = 0):
+    """The @triton.jit kernel of a configuration (see ``compile_one``) and its constexprs."""
     import triton.language as tl
 
     from .dispatch import CELLS, k_tiles
@@ -127,12 +143,7 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
         constexprs.update(BLOCK_H=block_h, DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
     if "fwd" in kernel:
         constexprs["SAVE"] = True
-    res = Result(kernel, cell_name, str(dtype).replace("torch.", ""), block_h, block_b, num_warps,
-                 aligned, precision, block_u, w_chunk if kernel.startswith("coop") else 0)
-    unknown = ("T", "reverse", "s_begin", "s_end", "max_spins")  # never assumed divisible
-    from .dispatch import MAXNREG
-    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, unknown, num_warps, cached=cached,
-                   maxnreg=MAXNREG)
+    return fn, constexprs
 
 
 def measure(res, fn, sig, constexprs, never_divisible, num_warps, num_stages=1, cached=True, maxnreg=None):
@@ -308,70 +319,81 @@ def verify(configs, count: int, compile_fn, seed=None) -> list:
 
 def dispatcher_configs(probe: bool = False):
     """Every (kernel, cell, dtype, block_h, block_b, num_warps, aligned, precision) the dispatcher can
-    choose: the aligned build for every entry, the unaligned one where any H may use it; float32 both
-    as IEEE fp32 and as TF32 (cuDNN's default, which the kernels follow).
+    choose, float32 both as IEEE fp32 and as TF32 (cuDNN's default, which the kernels follow); all
+    aligned (the kernels see H padded to a multiple of 16: ``ops.padded_units``). With the tile
+    builds with lengths that ``dispatch.PACKED_COOPERATIVE`` excludes, to show that they spill.
 
     With ``probe``, also what lies just past each limit (expected to fail)."""
-    from .dispatch import BLOCK_B, BLOCK_U, COOP_CONFIGS, TILE_CONFIGS
+    from .dispatch import BLOCK_B, BLOCK_U, COOP_CONFIGS, TILE_CONFIGS, tile_warps
     configs = []
     for (cell, dtype), table in TILE_CONFIGS.items():
-        entries = [(bh, warps, (True, False) if any_h else (True,)) for bh, (warps, any_h) in table.items()]
-        if probe:
-            top, (warps, any_h) = max(table.items())
-            entries.append((2 * top, warps, (True,)))
-            if not any_h:
-                entries.append((top, warps, (False,)))
+        sizes = list(table) + ([2 * max(table)] if probe else [])
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for block_h, warps, alignments in entries:
+        for block_h in sizes:
             for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed", "fwd_bidir", "bwd_bidir",
                            "fwd_packed_bidir", "bwd_packed_bidir"):
-                for aligned in alignments:
-                    for precision in precisions:
-                        configs.append((kernel, cell, dtype, block_h, BLOCK_B, warps, aligned, precision))
+                for precision in precisions:
+                    w = tile_warps(cell, dtype, min(block_h, max(table)), precision)
+                    configs.append((kernel, cell, dtype, block_h, BLOCK_B, w, True, precision))
     for (cell, dtype), table in COOP_CONFIGS.items():
-        entries = [(bk, c, (True, False) if c.any_h or c.unaligned else (True,)) for bk, c in table.items()]
-        if probe:
-            top = max(table)
-            entries.append((2 * top, table[top], (True,)))
-            if not table[top].any_h and not table[top].unaligned:
-                entries.append((top, table[top], (False,)))
+        top = max(table)
+        entries = list(table.items()) + ([(2 * top, table[top])] if probe else [])
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for block_k, entry, alignments in entries:
+        for block_k, entry in entries:
             for kernel in ("coop_fwd", "coop_bwd", "coop_fwd_packed", "coop_bwd_packed"):
-                for aligned in alignments:
-                    for precision in precisions:
-                        c = entry.unaligned if not aligned and not entry.any_h and entry.unaligned else entry
-                        c = c.ieee if precision == "ieee" and c.ieee else c
-                        configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, aligned, precision,
-                                        BLOCK_U, c.w_chunk if "bwd" in kernel else c.fwd_chunk))
+                for precision in precisions:
+                    c = entry.ieee if precision == "ieee" and entry.ieee else entry
+                    configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, True, precision,
+                                    BLOCK_U, c.w_chunk if "bwd" in kernel else c.fwd_chunk))
     return configs
 
 
 def is_dispatcher_config(r) -> bool:
-    from .dispatch import COOP_CONFIGS, TILE_CONFIGS
-    if r.kernel.startswith("coop"):
-        from .dispatch import coop_config
-        c = coop_config(r.cell, getattr(torch, r.dtype), r.block_h, r.precision, r.aligned)
-        any_h = c is not None and c.any_h and (c.packed_any_h or "_packed" not in r.kernel)
-        return c is not None and c.num_warps == r.num_warps and (r.aligned or any_h) and r.w_chunk == (
-            c.w_chunk if "bwd" in r.kernel else c.fwd_chunk)
-    from .dispatch import BIDIR_MULTIPLES_OF_16, PACKED_MULTIPLES_OF_16
+    """Whether the dispatcher can choose build ``r`` (a ``Result``)."""
+    from .dispatch import PACKED_COOPERATIVE, TILE_CONFIGS, coop_config, tile_warps
     dtype = getattr(torch, r.dtype)
-    entry = TILE_CONFIGS[(r.cell, dtype)].get(r.block_h)
-    any_h = entry is not None and entry[1] and not (
-        "_packed" in r.kernel and (r.cell, dtype, r.block_h) in PACKED_MULTIPLES_OF_16) and not (
-        r.kernel.endswith("_bidir") and (r.cell, dtype, r.block_h) in BIDIR_MULTIPLES_OF_16)
-    return entry is not None and entry[0] == r.num_warps and (r.aligned or any_h)
+    if not r.aligned:
+        return False
+    if r.kernel.startswith("coop"):
+        c = coop_config(r.cell, dtype, r.block_h, r.precision)
+        return c is not None and c.num_warps == r.num_warps and r.w_chunk == (
+            c.w_chunk if "bwd" in r.kernel else c.fwd_chunk)
+    return r.block_h in TILE_CONFIGS[(r.cell, dtype)] and tile_warps(
+        r.cell, dtype, r.block_h, r.precision) == r.num_warps and not (
+        "_packed" in r.kernel and (r.cell, dtype, r.block_h) in PACKED_COOPERATIVE)
 
 
 def run(configs, jobs: int = 1, compile_fn=None):
-    """``compile_fn(*config)`` (default ``compile_one``) for every config, on ``jobs`` processes."""
+    """``compile_fn(*config)`` (default ``compile_one``) for every config, on ``jobs`` processes. A
+    compile that kills its process (an LLVM assertion aborts it) is retried alone in a process of its
+    own; if that dies too, its result is that error (``compile_one``'s configs), not a crash of the check."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     calls = [(compile_fn or compile_one, c) for c in configs]
-    if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(jobs) as pool:
-            return list(pool.map(_call, calls))
-    return [_call(c) for c in calls]
+    results = [None] * len(calls)
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(_call, c) for c in calls]
+        for i, f in enumerate(futures):
+            try:
+                results[i] = f.result()
+            except BrokenProcessPool:
+                pass  # this one, or one beside it, died: retried alone below
+    for i in [i for i, r in enumerate(results) if r is None]:
+        try:
+            with ProcessPoolExecutor(1) as alone:
+                results[i] = alone.submit(_call, calls[i]).result()
+        except BrokenProcessPool:
+            if calls[i][0] is not compile_one:
+                raise
+            results[i] = Result(*_result_fields(*calls[i][1]), error="the compiler aborted (its process died)")
+    return results
+
+
+def _result_fields(kernel, cell, dtype, block_h, block_b, num_warps, aligned=False, precision="ieee", block_u=0,
+                   w_chunk=0, cached=True):
+    """``Result``'s identifying fields for ``compile_one``'s arguments."""
+    return (kernel, cell, str(dtype).replace("torch.", ""), block_h, block_b, num_warps, aligned, precision, block_u,
+            w_chunk if kernel.startswith("coop") else 0)
 
 
 def _call(fn_and_args):
@@ -432,7 +454,8 @@ def write_table(path, command, table, summary) -> None:
                     f"triton wheel's ptxas, read with its cuobjdump). {summary}\n\n"
                     "Columns: regs = registers per thread; spills = STACK + LOCAL bytes (0 required); shared = "
                     "dynamic shared memory per program (227 KB at most); tensor cores = mma/wgmma in the PTX; "
-                    "H = 16k (Triton specialised every size and stride as divisible by 16) or any; fits = no "
+                    "H = 16k (Triton specialised every size and stride as divisible by 16, as the kernels see every H: "
+                    "`ops.padded_units`); fits = no "
                     "spill, within shared memory and, for a cooperative build, within the registers and "
                     "shared memory `dispatch.COOP_CONFIGS` declares. Rows past the dispatcher's limits "
                     "(--probe) are expected not to fit.\n\n" + table + "\n")

@@ -39,46 +39,54 @@ CELLS = {
     "RNN_RELU": Cell("RNN_RELU", 3, 1, 1),
 }
 
-#: The tile-persistent kernel's configurations, per cell and storage dtype: {BLOCK_H: (num_warps,
-#: any_h)}, read off the sm_90 compile check (``python -m rnn_triton.compile_check``). H pads to
-#: BLOCK_H, the next power of two. any_h False: only for H a multiple of 16, where Triton specialises
-#: every size and stride as 16-divisible and the weight loads vectorise; other H at that BLOCK_H spill.
-_LSTM_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
-_GRU_HALF = {16: (4, True), 32: (8, True), 64: (8, True), 128: (8, False)}
-_RNN_HALF = {16: (4, True), 32: (4, True), 64: (8, True), 128: (8, True), 256: (8, False)}
-_RNN_FP32 = {16: (4, True), 32: (4, True), 64: (8, True)}
-_RNN_TANH_FP32 = {16: (4, True), 32: (4, True), 64: (8, False)}  # (IEEE fp32: H = 64 unaligned spills)
+#: The tile-persistent kernel's configurations, per cell and storage dtype: {BLOCK_H: num_warps},
+#: read off the sm_90 compile check (``python -m rnn_triton.compile_check``). H pads to BLOCK_H, the
+#: next power of two (the kernels see H padded to a multiple of 16: ``ops.padded_units``).
+#: num_warps: no more warps than the tensor-core dots split without repeating (a warp's mma.sync is
+#: 16 units x 8 rows; with more warps than that each repeats the whole product and the cell math:
+#: MMA efficiency 0.25 at BLOCK_H 16-32 on 4-8 warps), then the fastest by the static model
+#: (``static_cost``, forward + backward): 1 warp at 16, 2 at 32, 4 at 64 for the LSTM and GRU.
+_LSTM_HALF = {16: 1, 32: 2, 64: 4, 128: 8}
+_GRU_HALF = {16: 1, 32: 2, 64: 4, 128: 8}
+_RNN_HALF = {16: 2, 32: 4, 64: 4, 128: 8, 256: 8}
+_RNN_FP32 = {16: 2, 32: 4, 64: 8}
 TILE_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_HALF,
     ("LSTM", torch.bfloat16): _LSTM_HALF,
-    ("LSTM", torch.float32): {16: (4, True), 32: (16, False), 64: (8, False)},
+    ("LSTM", torch.float32): {16: 1, 32: 2, 64: 4},
     ("GRU", torch.float16): _GRU_HALF,
     ("GRU", torch.bfloat16): _GRU_HALF,
-    ("GRU", torch.float32): {16: (4, True), 32: (8, True), 64: (8, False)},
+    ("GRU", torch.float32): {16: 1, 32: 2, 64: 4},
     ("RNN_TANH", torch.float16): _RNN_HALF,
     ("RNN_TANH", torch.bfloat16): _RNN_HALF,
-    ("RNN_TANH", torch.float32): _RNN_TANH_FP32,
+    ("RNN_TANH", torch.float32): _RNN_FP32,
     ("RNN_RELU", torch.float16): _RNN_HALF,
     ("RNN_RELU", torch.bfloat16): _RNN_HALF,
     ("RNN_RELU", torch.float32): _RNN_FP32,
 }
 
-#: Tile configurations that take any H, but with per-row lengths (PackedSequence input) only H a
-#: multiple of 16: the backward's extra state spills otherwise (compile check, kernels "*_packed").
-PACKED_MULTIPLES_OF_16 = {("RNN_RELU", torch.float32, 64)}
+#: float32 with allow_tf32 off (IEEE fp32: the dots run on FFMA, which more warps share without
+#: repeating): {(cell, BLOCK_H): num_warps} where it differs from ``TILE_CONFIGS``, by the static model
+#: (fewer warps there spill at 64, or lengthen each warp's serial FFMA chain at 16-32). The LSTM's
+#: 32 and 64 take 8 and 16: their builds with lengths on fewer warps abort LLVM's SLP vectorizer
+#: (Triton 3.9; the compile check reports such a build as an error).
+TILE_IEEE_WARPS = {("LSTM", 16): 4, ("LSTM", 32): 8, ("LSTM", 64): 16,
+                   ("GRU", 16): 4, ("GRU", 32): 4, ("GRU", 64): 8,
+                   ("RNN_TANH", 16): 4, ("RNN_RELU", 16): 4}
 
-#: Tile configurations whose two-direction build (both directions of a layer in one launch,
-#: ``DIRECTIONS=2``) spills at any H: there, H not a multiple of 16 runs its directions one after the
-#: other (compile check, kernels "*_bidir").
-BIDIR_MULTIPLES_OF_16 = set()  # none at present (the GRU's half-precision 128 takes multiples of 16 only)
+
+def tile_warps(cell: str, dtype: torch.dtype, block_h: int, precision: str, arch: str = "sm_90") -> int:
+    """num_warps of the tile-persistent build of ``cell`` at ``block_h`` in ``precision`` on ``arch``."""
+    if arch != "sm_90":  # AMD: float32 in IEEE fp32 runs on MFMA too, with TF32's wavefronts
+        return AMD_TILE_CONFIGS[arch][(cell, dtype)][block_h]
+    warps = TILE_CONFIGS[(cell, dtype)][block_h]
+    return TILE_IEEE_WARPS.get((cell, block_h), warps) if dtype == torch.float32 and precision == "ieee" else warps
 
 
-def directions_in_one_launch(cell: str, dtype: torch.dtype, block_h: int, hidden_size: int) -> bool:
-    """Whether a bidirectional tile-persistent layer runs both directions in one launch. (The
-    cooperative kernels run one launch per direction, on two streams at once where both grids fit:
-    ops._run_cooperative.)"""
-    key = (cell, torch.float32 if dtype == torch.float64 else dtype, block_h)
-    return hidden_size % 16 == 0 or key not in BIDIR_MULTIPLES_OF_16
+#: Tile configurations whose build with per-row lengths (PackedSequence input, kernels "*_packed")
+#: spills: there a packed input runs the cooperative kernel (compile check; the float32 LSTM's
+#: backward at 64 by 8 bytes in TF32 on its 4 warps, its forward in IEEE fp32 on 16).
+PACKED_COOPERATIVE = {("LSTM", torch.float32, 64)}
 
 
 #: The batch rows one program owns. 16 is the smallest N of a tensor-core dot.
@@ -88,18 +96,15 @@ BLOCK_B = 16
 @dataclass(frozen=True)
 class CoopConfig:
     """A cooperative configuration and its resource use on sm_90: registers and shared memory are the
-    most any of its builds uses (forward or backward, any alignment taken), from the compile check,
+    most any of its builds uses (forward or backward), from the compile check,
     and decide how many of its programs an SM holds at once."""
     num_warps: int
-    any_h: bool         # False: only H a multiple of 16 (other H spill at this BLOCK_K)
     registers: int      # per thread
     shared_bytes: int   # per program
     w_chunk: int = 0    # backward: 0 keeps W_hh^T on chip; else re-read per step, this many columns at a time
     packed_registers: int = 0  # per thread with per-row lengths (builds *_packed), where more than registers
     fwd_chunk: int = 0  # forward: as w_chunk, for W_hh
     ieee: Optional["CoopConfig"] = None  # float32 with allow_tf32 off (dots on FMA) runs this one instead
-    packed_any_h: bool = True  # False: with per-row lengths only H a multiple of 16 (the packed build spills)
-    unaligned: Optional["CoopConfig"] = None  # where any_h is False: H not a multiple of 16 runs this one
 
     def registers_for(self, packed: bool) -> int:
         """Registers per thread of the builds a call runs: with per-row lengths (PackedSequence input)
@@ -120,48 +125,44 @@ BLOCK_U = 16
 MAXNREG = 255
 _C = CoopConfig
 _K = 1024
-# Weights on chip (w_chunk = fwd_chunk = 0) wherever that build fits without spilling; ``unaligned``
-# (H not a multiple of 16) and the chunked entries re-read W_hh / W_hh^T from L2 where it does not.
-# (No LSTM 128 build: the tile kernel takes multiples of 16 up to 128; other H in (64, 128] take 256.)
-_LSTM_COOP = {256: _C(8, True, 194, 32 * _K),
-              512: _C(8, True, 252, 64 * _K),
-              # K = 512 + 256: H not a multiple of 16 spills in the backward with W_hh^T on chip (40 bytes)
-              768: _C(8, False, 236, 64 * _K, unaligned=_C(8, True, 255, 56 * _K, w_chunk=256)),
-              # H not a multiple of 16 spills there with the weights on chip (32-520 bytes)
-              1024: _C(8, False, 194, 160 * _K, unaligned=_C(8, True, 206, 40 * _K, w_chunk=256, fwd_chunk=256))}
-_GRU_COOP_HALF = {256: _C(8, True, 192, 16 * _K),
-                  512: _C(8, True, 233, 32 * _K),
-                  768: _C(8, True, 254, 56 * _K),
-                  # the backward for H not a multiple of 16 spills with W_hh^T on chip
-                  1024: _C(8, False, 246, 128 * _K, unaligned=_C(8, True, 238, 128 * _K, w_chunk=256))}
-_RNN_COOP_HALF = {256: _C(8, True, 86, 12 * _K), 512: _C(8, True, 114, 20 * _K),
-                  768: _C(8, True, 160, 24 * _K),
-                  1024: _C(8, True, 185, 36 * _K),
-                  2048: _C(8, False, 190, 68 * _K)}  # (any H on chip spills: 255 registers)
+# Weights on chip (w_chunk = fwd_chunk = 0) wherever that build fits without spilling; the chunked
+# entries re-read W_hh / W_hh^T from L2 where it does not. (No half-precision LSTM or GRU build at 128:
+# the tile kernel takes every H up to 128.)
+_LSTM_COOP = {256: _C(8, 164, 32 * _K),
+              512: _C(8, 242, 32 * _K),
+              768: _C(8, 236, 64 * _K),
+              1024: _C(8, 194, 160 * _K)}
+_GRU_COOP_HALF = {256: _C(8, 160, 16 * _K),
+                  512: _C(8, 202, 32 * _K),
+                  768: _C(8, 254, 56 * _K),
+                  1024: _C(8, 246, 128 * _K)}
+_RNN_COOP_HALF = {256: _C(8, 86, 12 * _K), 512: _C(8, 114, 20 * _K),
+                  768: _C(8, 128, 24 * _K),
+                  1024: _C(8, 144, 36 * _K),
+                  2048: _C(8, 190, 68 * _K)}
 # float32: W_hh's tiles in shared memory (fp32 does not fit in registers); TF32 dots where
 # torch.backends.cudnn.allow_tf32 (its default), else IEEE fp32 on FMA (``ieee``), whose builds hold
 # more per thread and so re-read W_hh^T (the LSTM's backward from 128, the GRU's past 128) and W_hh
 # (past 256) in chunks. Past 512 (the RNN: 1024) W_hh does not fit in shared memory: re-read in the forward too.
-_RNN_COOP_FP32 = {128: _C(4, True, 96, 16 * _K, ieee=_C(4, True, 104, 16 * _K)),
-                  256: _C(8, True, 98, 32 * _K, ieee=_C(8, True, 96, 32 * _K)),
-                  512: _C(8, True, 120, 64 * _K, ieee=_C(8, True, 96, 64 * _K)),
-                  1024: _C(8, True, 144, 128 * _K, ieee=_C(8, True, 150, 128 * _K)),
-                  2048: _C(8, True, 148, 64 * _K, w_chunk=512, fwd_chunk=512,
-                           ieee=_C(8, True, 104, 32 * _K, w_chunk=256, fwd_chunk=256))}
-_LSTM_COOP_FP32 = {128: _C(8, True, 136, 64 * _K, ieee=_C(8, True, 190, 64 * _K, w_chunk=128)),
-                   256: _C(8, True, 166, 96 * _K, ieee=_C(8, True, 210, 80 * _K, w_chunk=128)),
-                   512: _C(8, True, 202, 192 * _K,
-                           ieee=_C(8, True, 254, 128 * _K, w_chunk=256, fwd_chunk=256)),
-                   1024: _C(8, True, 232, 80 * _K, w_chunk=256, fwd_chunk=256,
-                            ieee=_C(8, True, 254, 128 * _K, w_chunk=256, fwd_chunk=256))}
-_GRU_IEEE_1024 = _C(8, True, 240, 80 * _K, w_chunk=256, fwd_chunk=256)
-_GRU_COOP_FP32 = {128: _C(8, True, 140, 40 * _K, ieee=_C(8, True, 207, 40 * _K)),
-                  256: _C(8, True, 166, 80 * _K, ieee=_C(8, True, 202, 64 * _K, w_chunk=128)),
-                  512: _C(8, True, 210, 160 * _K,
-                          ieee=_C(8, True, 240, 80 * _K, w_chunk=256, fwd_chunk=256)),
-                  # TF32: W_hh^T on chip in the backward for H a multiple of 16 (224 KB of shared memory)
-                  1024: _C(8, False, 210, 224 * _K, fwd_chunk=256, ieee=_GRU_IEEE_1024,
-                           unaligned=_C(8, True, 220, 64 * _K, w_chunk=256, fwd_chunk=256, ieee=_GRU_IEEE_1024))}
+_RNN_COOP_FP32 = {128: _C(4, 94, 16 * _K, ieee=_C(4, 91, 16 * _K)),
+                  256: _C(8, 98, 32 * _K, ieee=_C(8, 96, 32 * _K)),
+                  512: _C(8, 120, 64 * _K, ieee=_C(8, 96, 64 * _K)),
+                  1024: _C(8, 130, 128 * _K, ieee=_C(8, 94, 128 * _K)),
+                  2048: _C(8, 132, 64 * _K, w_chunk=512, fwd_chunk=512,
+                           ieee=_C(8, 98, 32 * _K, w_chunk=256, fwd_chunk=256))}
+_LSTM_COOP_FP32 = {128: _C(8, 126, 64 * _K, ieee=_C(8, 183, 64 * _K, w_chunk=128)),
+                   256: _C(8, 166, 96 * _K, ieee=_C(8, 210, 80 * _K, w_chunk=128)),
+                   512: _C(8, 186, 160 * _K,
+                           ieee=_C(8, 216, 128 * _K, w_chunk=256, fwd_chunk=256)),
+                   1024: _C(8, 232, 80 * _K, w_chunk=256, fwd_chunk=256,
+                            ieee=_C(8, 216, 128 * _K, w_chunk=256, fwd_chunk=256))}
+_GRU_IEEE_1024 = _C(8, 236, 80 * _K, w_chunk=256, fwd_chunk=256)
+_GRU_COOP_FP32 = {128: _C(8, 136, 40 * _K, ieee=_C(8, 207, 40 * _K)),
+                  256: _C(8, 152, 80 * _K, ieee=_C(8, 202, 64 * _K, w_chunk=128)),
+                  512: _C(8, 183, 128 * _K,
+                          ieee=_C(8, 236, 80 * _K, w_chunk=256, fwd_chunk=256)),
+                  # TF32: W_hh^T on chip in the backward (224 KB of shared memory)
+                  1024: _C(8, 210, 224 * _K, fwd_chunk=256, ieee=_GRU_IEEE_1024)}
 #: The cooperative kernels' configurations, per cell and storage dtype: {K (the H it takes, at most;
 #: the smallest K at or above H serves): CoopConfig}, read off the sm_90 compile check (w_chunk /
 #: fwd_chunk: where W_hh^T / W_hh are re-read from L2 every step). K is a power of two or the sum of
@@ -182,14 +183,25 @@ COOP_CONFIGS = {
 }
 
 
+#: AMD Instinct targets: per architecture, the tile-persistent tables ({BLOCK_H: wavefronts of 64}) and
+#: the cooperative ones. None yet: an AMD GPU gets torch's implementation with the reason.
+AMD_TILE_CONFIGS = {}
+AMD_COOP_CONFIGS = {}
+
+
+def fp32_precisions(arch: str) -> tuple:
+    """The float32 dot precisions ``arch`` has builds for: IEEE fp32 always, TF32 where the hardware
+    has it (sm_90's tf32 mma, gfx942's xf32 MFMA; gfx90a has none: its float32 runs IEEE whatever
+    ``allow_tf32`` says)."""
+    return ("ieee",) if arch == "gfx90a" else ("ieee", "tf32")
+
+
 def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "tf32",
-                aligned: bool = True) -> Optional[CoopConfig]:
-    """The cooperative configuration at ``block_k`` for a build in ``precision`` ("ieee": float32 dots
-    on FMA, where an entry may have its own) and for H a multiple of 16 or not (``aligned``: where an
-    entry takes only multiples of 16, its ``unaligned`` configuration takes the rest), or None."""
-    entry = COOP_CONFIGS.get((cell, torch.float32 if dtype == torch.float64 else dtype), {}).get(block_k)
-    if entry is not None and not aligned and not entry.any_h and entry.unaligned:
-        entry = entry.unaligned
+                arch: str = "sm_90") -> Optional[CoopConfig]:
+    """The cooperative configuration at ``block_k`` on ``arch`` for a build in ``precision`` ("ieee":
+    float32 dots on FMA, where an entry may have its own), or None."""
+    table = COOP_CONFIGS if arch == "sm_90" else AMD_COOP_CONFIGS[arch]
+    entry = table.get((cell, torch.float32 if dtype == torch.float64 else dtype), {}).get(block_k)
     return entry.ieee if entry is not None and precision == "ieee" and entry.ieee else entry
 
 
@@ -215,15 +227,38 @@ class DeviceProps:
     registers_per_sm: int = 65536
     max_threads_per_sm: int = 2048
     max_blocks_per_sm: int = 32
+    arch: str = "sm_90"           # the tables it takes: "sm_90", or an AMD target ("gfx942", "gfx90a")
+    warp_size: int = 32
+    register_granule: int = 256   # registers allocated to a warp at a time
 
 
 #: The GPU the tables were measured for (an H100 SXM has the same SMs; only the SM count may differ).
 H200 = DeviceProps("NVIDIA H200", sm_count=132, shared_per_sm=228 * 1024, shared_per_block=227 * 1024)
 
 
+#: AMD Instinct GPUs (CDNA3 / CDNA2 ISA references): 64 KB of LDS per CU; per SIMD lane 512 VGPRs
+#: (unified with AGPRs) in granules of 8, 4 SIMDs and at most 8 waves of 64 per SIMD, so 2048 lanes and
+#: 4 x 512 x 64 registers per CU. MI250X: one of its two dies (GCDs), which ROCm shows as a device.
+MI300X = DeviceProps("AMD Instinct MI300X", sm_count=304, shared_per_sm=64 * 1024, shared_per_block=64 * 1024,
+                     registers_per_sm=4 * 512 * 64, max_threads_per_sm=2048, arch="gfx942", warp_size=64,
+                     register_granule=8 * 64)
+MI250X = DeviceProps("AMD Instinct MI250X (one GCD)", sm_count=110, shared_per_sm=64 * 1024,
+                     shared_per_block=64 * 1024, registers_per_sm=4 * 512 * 64, max_threads_per_sm=2048,
+                     arch="gfx90a", warp_size=64, register_granule=8 * 64)
+_AMD = {"gfx942": MI300X, "gfx90a": MI250X}
+
+
 def device_props(device: torch.device) -> DeviceProps:
-    """The capacity model's view of a CUDA device."""
+    """The capacity model's view of a CUDA (or ROCm) device. A ROCm device's architecture comes from
+    ``gcnArchName`` ("gfx942:sramecc+:xnack-"); one the tables do not know keeps that name (``choose``
+    then refuses it)."""
     p = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        arch = getattr(p, "gcnArchName", "").split(":")[0]
+        base = _AMD.get(arch, MI300X)
+        return DeviceProps(p.name, p.multi_processor_count, base.shared_per_sm, base.shared_per_block,
+                           base.registers_per_sm, base.max_threads_per_sm, base.max_blocks_per_sm, arch or "unknown",
+                           base.warp_size, base.register_granule)
     return DeviceProps(p.name, p.multi_processor_count,
                        getattr(p, "shared_memory_per_multiprocessor", H200.shared_per_sm),
                        getattr(p, "shared_memory_per_block_optin", H200.shared_per_block),
@@ -233,11 +268,12 @@ def device_props(device: torch.device) -> DeviceProps:
 
 def resident_blocks(props: DeviceProps, num_warps: int, registers: int, shared_bytes: int) -> int:
     """How many blocks of a kernel one SM runs at once: the tightest of its thread, register and
-    shared-memory limits (registers are allocated per warp in chunks of 256)."""
+    shared-memory limits (registers are allocated per warp in the device's granule: 256 on sm_90)."""
     if shared_bytes > props.shared_per_block:
         return 0
-    threads = 32 * num_warps
-    regs_per_warp = -(-registers * 32 // 256) * 256
+    threads = props.warp_size * num_warps
+    granule = props.register_granule
+    regs_per_warp = -(-registers * props.warp_size // granule) * granule
     limits = [props.max_blocks_per_sm, props.max_threads_per_sm // threads,
               props.registers_per_sm // (regs_per_warp * num_warps)]
     if shared_bytes:
@@ -280,15 +316,40 @@ def block_h_for(hidden_size: int) -> int:
     return max(16, 1 << (hidden_size - 1).bit_length())
 
 
-def max_hidden(cell: str, dtype: torch.dtype, multiple_of_16: bool = True, variant: str = "any") -> int:
-    """Largest hidden size the kernels take (for H a multiple of 16, or any H), either variant or
-    only the "tile-persistent" one. (Below it, some H may still be refused: those whose power-of-two
-    padding has a configuration for multiples of 16 only.)"""
+def max_hidden(cell: str, dtype: torch.dtype, variant: str = "any", arch: str = "sm_90") -> int:
+    """Largest hidden size the kernels take on ``arch`` (every H up to it), either variant or only the
+    "tile-persistent" one."""
     key = (cell, torch.float32 if dtype == torch.float64 else dtype)
-    sizes = [bh for bh, (_, any_h) in TILE_CONFIGS.get(key, {}).items() if any_h or multiple_of_16]
+    tile, coop = tables(arch)
+    sizes = list(tile.get(key, {}))
     if variant == "any":
-        sizes += [bk for bk, c in COOP_CONFIGS.get(key, {}).items() if c.any_h or c.unaligned or multiple_of_16]
+        sizes += list(coop.get(key, {}))
     return max(sizes, default=0)
+
+
+def tables(arch: str) -> tuple:
+    """(tile-persistent, cooperative) tables of ``arch``: "sm_90" (every NVIDIA GPU takes them), or
+    an AMD target of ``AMD_TILE_CONFIGS``."""
+    return (TILE_CONFIGS, COOP_CONFIGS) if arch == "sm_90" else (AMD_TILE_CONFIGS[arch], AMD_COOP_CONFIGS[arch])
+
+
+def device_arch(device: torch.device, props: Optional[DeviceProps] = None) -> str:
+    """The tables' architecture for ``device``: "sm_90" on NVIDIA GPUs and on the CPU (the
+    interpreter takes sm_90's sizes), else the AMD target (e.g. "gfx942")."""
+    if props is not None:
+        return props.arch
+    if device.type != "cuda" or not torch.version.hip:
+        return "sm_90"
+    return device_props(device).arch
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device, arch: str) -> str:
+    """The float32 dots' precision a call runs (ops._precision): TF32 where ``allow_tf32`` is set
+    (cuDNN's rule) and ``arch`` has it, else IEEE fp32; "tf32" names the tables' entry otherwise."""
+    if dtype == torch.float32 and device.type == "cuda" and not (
+            torch.backends.cudnn.allow_tf32 and "tf32" in fp32_precisions(arch)):
+        return "ieee"
+    return "tf32"
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
@@ -296,7 +357,7 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
     ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
     per-row lengths (PackedSequence input): every variant takes them, in a build of its own (the
-    kernels' HAS_LENGTHS), which at some sizes takes fewer H (``PACKED_MULTIPLES_OF_16``).
+    kernels' HAS_LENGTHS; where that tile build spills, the cooperative kernel: ``PACKED_COOPERATIVE``).
     ``directions``: 2 for a bidirectional layer (the cooperative variant runs its two grids at once
     where both fit)."""
     if device.type == "cpu":
@@ -308,30 +369,25 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
         return Plan(None, "float64 runs through the Triton kernels only in the interpreter")
     if dtype not in GPU_DTYPES + (torch.float64,):
         return Plan(None, f"dtype {dtype} is not supported (float16, bfloat16, float32)")
+    arch = device_arch(device, props)
+    if arch != "sm_90" and arch not in AMD_TILE_CONFIGS:
+        return Plan(None, f"GPU architecture {arch!r} has no compiled configurations (AMD: "
+                          f"{', '.join(AMD_TILE_CONFIGS)})")
     # float64 runs only in the interpreter; it takes float32's sizes, as the GPU would.
     key = (cell, torch.float32 if dtype == torch.float64 else dtype)
-    configs = TILE_CONFIGS.get(key, {})
     block_h = block_h_for(hidden_size)
-    any_h = block_h in configs and configs[block_h][1] and not (
-        packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16)
-    if block_h in configs and (any_h or hidden_size % 16 == 0):
-        return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h, configs[block_h][0]))
-    # the smallest cooperative configuration that takes this H (K padded further where a size's own
-    # build does not fit); float32 on a GPU without allow_tf32 runs the IEEE builds (ops._precision)
-    ieee = dtype == torch.float32 and device.type == "cuda" and not torch.backends.cudnn.allow_tf32
-    aligned = hidden_size % 16 == 0
-    fits = sorted(bk for bk, c in COOP_CONFIGS.get(key, {}).items() if bk >= hidden_size and (
-        aligned or (c.any_h and (c.packed_any_h or not packed)) or (not c.any_h and c.unaligned)))
-    block_h = fits[0] if fits else block_h
-    coop = coop_config(cell, key[1], block_h, "ieee" if ieee else "tf32", aligned) if fits else None
-    if coop is None:
-        if packed and (cell, key[1], block_h) in PACKED_MULTIPLES_OF_16:
-            return Plan(None, f"PackedSequence input takes hidden_size={hidden_size} for {cell} in {dtype} only "
-                              f"as a multiple of 16 (the tile-persistent kernel's build with lengths spills "
-                              f"otherwise)")
-        return Plan(None, f"hidden_size={hidden_size} is above the kernels' limit for {cell} in {dtype}: "
-                          f"{max_hidden(cell, dtype, False)}, or {max_hidden(cell, dtype, True)} for "
-                          f"multiples of 16")
+    tile_table, coop_table = tables(arch)
+    precision = dot_precision(dtype, device, arch)
+    if block_h in tile_table.get(key, {}) and not (packed and (cell, key[1], block_h) in PACKED_COOPERATIVE):
+        return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h,
+                                 tile_warps(cell, key[1], block_h, precision, arch)))
+    # the smallest cooperative configuration that takes this H
+    fits = sorted(bk for bk in coop_table.get(key, {}) if bk >= hidden_size)
+    if not fits:
+        return Plan(None, f"hidden_size={hidden_size} is above the kernels' limit for {cell} in {dtype}"
+                          f"{'' if arch == 'sm_90' else ' on ' + arch}: {max_hidden(cell, dtype, arch=arch)}")
+    block_h = fits[0]
+    coop = coop_config(cell, key[1], block_h, precision, arch)
     units = -(-hidden_size // BLOCK_U)
     tiles = -(-max(batch, 1) // BLOCK_B)
     if device.type == "cpu":  # the interpreter runs programs one after another: no barrier between them

@@ -165,7 +165,7 @@ class _TritonRecurrent:
 
     def _layers(self, x, hx, config, cast, batch_first, lengths=None):
         """Every layer in turn, each one call of ``recurrent_directions`` (its directions in one launch
-        where the kernel has that build; see ops.recurrent_fwd); h_n[k] is layer k // D, direction
+        in the tile kernel; see ops.recurrent_fwd); h_n[k] is layer k // D, direction
         k % D, as torch.nn's. Dropout between layers only in training, as torch.nn does."""
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
@@ -176,7 +176,8 @@ class _TritonRecurrent:
             if hx is not None:
                 h0, c0 = (hx[0][layer * D:(layer + 1) * D], hx[1][layer * D:(layer + 1) * D]) if is_lstm \
                     else (hx[layer * D:(layer + 1) * D], None)
-            x, hn, cn = recurrent_directions(self.mode, x, weights, h0, c0, config, batch_first, lengths)
+            x, hn, cn = recurrent_directions(self.mode, x, weights, h0, c0, config, batch_first, lengths,
+                                             hidden_size=self.hidden_size)
             hns.append(hn)
             cns.append(cn)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:

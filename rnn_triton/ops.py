@@ -4,8 +4,8 @@
 
     xp = x @ W_ih^T + b                 one GEMM over all steps and directions (torch; autograd)
     y, hn, cn = recurrent_fwd(xp, ...)  the persistent Triton time loop over all T steps: one launch
-                                        for both directions where the tile kernel's two-direction
-                                        build fits, else one per direction (one per step stepwise)
+                                        for both directions in the tile kernel, else one per
+                                        direction (one per step stepwise)
 
 ``rnn_triton::recurrent_fwd`` / ``rnn_triton::recurrent_bwd`` are registered with ``torch.library``
 (so ``torch.compile`` sees them as opaque ops, not graph breaks). The backward launches the reverse
@@ -43,8 +43,9 @@ def _precision(dtype: torch.dtype, device: torch.device):
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee"
     if dtype == torch.float32:
-        # torch.nn's RNNs run on cuDNN, which uses TF32 for float32 exactly when cudnn.allow_tf32 is set.
-        tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+        # torch.nn's RNNs run on cuDNN, which uses TF32 for float32 exactly when cudnn.allow_tf32 is set
+        # (and the GPU has TF32: gfx90a has not).
+        tf32 = device.type == "cuda" and dispatch.dot_precision(dtype, device, dispatch.device_arch(device)) == "tf32"
         return tl.float32, tl.float32, "tf32" if tf32 else "ieee"
     if dtype == torch.bfloat16 and runtime.interpreting():
         return tl.float32, tl.float32, "ieee"  # the interpreter's bf16 arithmetic is wrong: use fp32
@@ -69,6 +70,9 @@ def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first) -> int:
     for name, state in (("h0", h0), ("c0", c0)):
         torch._check(state is None or tuple(state.shape) == (D, B, H), lambda: f"{name} must be [{D}, {B}, {H}]")
     torch._check(cell.name != "LSTM" or (h0 is None) == (c0 is None), lambda: "LSTM takes h0 and c0 together")
+    # the compiled builds are those for sizes divisible by 16 (recurrent_directions pads to them)
+    torch._check_value(xp.device.type != "cuda" or H % 16 == 0,
+                       lambda: f"recurrent_fwd takes H = {H} on a GPU only padded to a multiple of 16 (padded_units)")
     torch._check(b_hn is None or tuple(b_hn.shape) == (D * H,), lambda: f"b_hn must be [{D * H}]")
     return D
 
@@ -91,7 +95,7 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     """Forward time loop of D = 1 or 2 directions at once (``variant``, ``fwd_chunk`` and the rest: see
     ``dispatch.KernelConfig``; ``w_chunk`` is the backward's, passed on to it).
 
-    w_hh: [D*G*H, H], the directions' W_hh stacked; xp: [T, B, D*G*H] (or [B, T, D*G*H] when
+    w_hh: [D*G*H, H] (on a GPU, H a multiple of 16), the directions' W_hh stacked; xp: [T, B, D*G*H] (or [B, T, D*G*H] when
     batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H]; h0, c0: [D, B, H].
     Direction d runs its steps last to first when reverse + d is odd (a bidirectional layer: D = 2,
     reverse False).
@@ -134,8 +138,8 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     c0 = c0.contiguous() if c0 is not None else None
     GH = cell.num_gates * H
     tile = variant == "tile-persistent"
-    # Both directions in one launch where that build fits (the tile kernel); else one after the other.
-    together = tile and D == 2 and dispatch.directions_in_one_launch(cell.name, xp.dtype, block_h, H)
+    # Both directions in one launch in the tile kernel; the cooperative one takes a launch per direction.
+    together = tile and D == 2
     if not tile:
         # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
         init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
@@ -325,7 +329,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         h0 = h0.contiguous() if has_h0 else None
         c0 = c0.contiguous() if c0 is not None else None
         tile = variant == "tile-persistent"
-        together = tile and D == 2 and dispatch.directions_in_one_launch(cell.name, y.dtype, block_h, H)
+        together = tile and D == 2
         if not tile:
             # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
             acc = _acc_torch_dtype(y.dtype)
@@ -489,17 +493,19 @@ def recurrent_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Opti
 
 def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0: Optional[Tensor],
                          config: KernelConfig, batch_first: bool, lengths: Optional[Tensor] = None,
-                         reverse: bool = False):
-    """One layer, all its directions (the second one reversed): in one launch where the tile kernel's
-    two-direction build fits, else one launch (or one per step, stepwise) per direction.
+                         reverse: bool = False, hidden_size: Optional[int] = None):
+    """One layer, all its directions (the second one reversed): in one launch in the tile kernel, else
+    one launch (or one per step, stepwise) per direction.
 
     x: [T, B, I] ([B, T, I] when batch_first); ``weights``: per direction (w_ih, w_hh, b_ih, b_hh,
     w_hr), torch.nn's parameters (biases None without bias; w_hr, the LSTM's projection, or None);
     h0: [D, B, H or P], c0: [D, B, H] or None; lengths: int32 [B] per-row sequence lengths (see
-    recurrent_fwd) or None.
+    recurrent_fwd) or None; hidden_size: H (the module's; else read off w_hh).
 
         xp = x @ W_ih^T + b       one GEMM for all steps and directions (torch; autograd differentiates it)
         y, hn, cn = recurrent_fwd(xp, ...)    the time loop of every direction
+
+    H not a multiple of 16 runs padded to one with zero units (``padded_units``), sliced off after.
 
     A projected LSTM (w_hr [P, H]: h = W_hr m, m = o * tanh(c)) runs the same loop on m, whose
     recurrence is W_hh h_{t-1} = (W_hh W_hr) m_{t-1}: the kernel gets W_hh W_hr [4H, H], h0 enters as
@@ -512,7 +518,9 @@ def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0
     w_ih = [w[0] for w in weights]
     w_hh = [w[1] for w in weights]
     w_hr = [w[4] for w in weights] if weights[0][4] is not None else None
-    H = w_hh[0].shape[0] // spec.num_gates
+    # H from the module where it calls: a Python int even under torch.jit.trace, whose weight shapes
+    # are traced values (the padding below branches on it)
+    H = hidden_size or w_hh[0].shape[0] // spec.num_gates
     b_hn = None
     bias = None
     if weights[0][2] is not None:
@@ -535,14 +543,37 @@ def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0
                                      reverse)
             h0 = torch.zeros_like(c0)
         w_hh = [w @ r for w, r in zip(w_hh, w_hr)]
-    y, hn, cn, _, _ = recurrent_fwd(xp, _cat(w_hh), b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
+    w_hh = _cat(w_hh)
+    Hp = -(-H // 16) * 16
+    if Hp != H:  # zero units up to a multiple of 16: see ``padded_units``
+        xp, b_hn, h0, c0 = (None if t is None else padded_units(t, H, Hp) for t in (xp, b_hn, h0, c0))
+        w_hh = padded_units(padded_units(w_hh, H, Hp, 0), H, Hp, 1)
+    y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
                                     save, config.variant, config.block_b, config.block_h, config.block_u,
                                     config.groups, config.w_chunk, config.num_warps, config.fwd_chunk)
+    if Hp != H:
+        y = y.unflatten(-1, (D, Hp))[..., :H].flatten(-2)
+        hn, cn = hn[..., :H].contiguous(), cn[..., :H].contiguous() if cn.numel() else cn
     if w_hr is not None:
         w_hr = torch.stack(w_hr)
         y = torch.einsum("...dh,dph->...dp", y.unflatten(-1, (D, H)), w_hr).flatten(-2)
         hn = torch.einsum("dbh,dph->dbp", hn, w_hr)
     return y, hn, (cn if spec.kernel_id == _LSTM else None)
+
+
+def padded_units(t: Tensor, units: int, to: int, dim: int = -1) -> Tensor:
+    """``t`` with every block of ``units`` entries along ``dim`` (a gate's or a direction's hidden
+    units) followed by ``to - units`` zeros.
+
+    A layer whose H is not a multiple of 16 runs the kernels at H padded so: zero rows and columns of
+    W_hh, zero projections and initial states. A padded unit then stays exactly 0 (every cell maps a
+    zero state and zero pre-activations to a zero state) and reaches no real unit (its W_hh columns
+    are 0), so the real units' outputs and gradients are those of the unpadded layer. The kernels see
+    every size and stride divisible by 16, the specialisation Triton gives their vectorised loads
+    (the builds for other H spill), so one build per configuration serves every H."""
+    d = dim % t.dim()
+    blocks = t.unflatten(d, (t.shape[d] // units, units))
+    return torch.nn.functional.pad(blocks, [0, 0] * (t.dim() - d - 1) + [0, to - units]).flatten(d, d + 1)
 
 
 def _cat(tensors):

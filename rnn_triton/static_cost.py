@@ -42,6 +42,10 @@ from . import compile_check, dispatch, sass
 OUT_DIR = compile_check.BUILDS_FILE.parent
 BASELINE_FILE = OUT_DIR / "baseline.json"
 LABEL = "estimate from compiled code, not a measurement"
+#: The least MMA efficiency a build with tensor-core dots may have (``check``): no warp repeats more than
+#: a tenth of the step's product. (IEEE float32 builds dot on FFMA; their efficiency, FFMAs against the
+#: product, is held to its baseline only.)
+MMA_FLOOR = 0.9
 
 # --- Machine constants (Hopper SM, as on the H100 SXM and H200), each with its source. -----------------
 #: [R1] "CUDA Performance Study - NVIDIA H100 SXM5" micro-benchmarks (a public benchmark README), run
@@ -262,10 +266,11 @@ def step_cycles(r, step, programs: int, op_bytes: int, spills_in: str = "l1") ->
     return {"cycles": (lo, hi), "compute": compute, "chain": tuple(chain), "terms": terms, "latency": latency}
 
 
-def _result_for(results, kernel, cell, dtype, precision, block_h, aligned, num_warps, w_chunk):
+def _result_for(results, kernel, cell, dtype, precision, block_h, num_warps, w_chunk):
+    """The build of that configuration (aligned: the kernels see H padded to a multiple of 16)."""
     for r in results:
-        if (r.kernel, r.cell, r.dtype, r.precision, r.block_h, r.aligned, r.num_warps, r.w_chunk) == (
-                kernel, cell, dtype, precision, block_h, aligned, num_warps, w_chunk):
+        if r.aligned and (r.kernel, r.cell, r.dtype, r.precision, r.block_h, r.num_warps, r.w_chunk) == (
+                kernel, cell, dtype, precision, block_h, num_warps, w_chunk):
             return r
     return None
 
@@ -285,7 +290,6 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
     name = out["dtype"]
     precision = "tf32" if dtype == torch.float32 else "ieee"  # cuDNN's default allow_tf32
     op_bytes = 4 if dtype == torch.float32 else 2
-    aligned = H % 16 == 0
     tiles = -(-B // dispatch.BLOCK_B)
     coop = c.variant == "cooperative"
     spec = dispatch.CELLS[cell]
@@ -295,8 +299,7 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
     for mode in ("fwd", "bwd"):
         kernel = ("coop_" if coop else "") + mode
         w_chunk = (c.w_chunk if mode == "bwd" else c.fwd_chunk) if coop else 0
-        r = _result_for(results, kernel, cell, name, precision, c.block_h, aligned, c.num_warps, w_chunk) or \
-            _result_for(results, kernel, cell, name, precision, c.block_h, not aligned, c.num_warps, w_chunk)
+        r = _result_for(results, kernel, cell, name, precision, c.block_h, c.num_warps, w_chunk)
         if r is None or not r.sass.get("loops"):
             return dict(out, reason=f"no analysed build for {kernel} {cell} {name} {c.block_h}")
         chunks = -(-H // w_chunk) if w_chunk else 1
@@ -502,7 +505,8 @@ def analyse(jobs: int = 1):
 
 
 def check(fact_rows, baseline) -> list:
-    """Failures: a configuration without a MMA efficiency, below its baseline, missing from it, or
+    """Failures: a configuration without a MMA efficiency, below its baseline, missing from it, with
+    tensor-core dots below ``MMA_FLOOR``, or
     reading W_hh from global memory inside its loop where the design keeps W_hh on chip (everywhere
     but the cooperative backward that re-reads it in chunks)."""
     bad = []
@@ -517,6 +521,8 @@ def check(fact_rows, baseline) -> list:
             bad.append(f"{cid}: not in {BASELINE_FILE.name} (python -m rnn_triton.static_cost --write-baseline)")
         elif eff < baseline[cid] - 1e-6:
             bad.append(f"{cid}: MMA efficiency {eff:.4f} below its baseline {baseline[cid]:.4f}")
+        elif f["mma"] and eff < MMA_FLOOR:
+            bad.append(f"{cid}: MMA efficiency {eff:.4f} below the floor {MMA_FLOOR}")
         if f["weight_loads_in_loop"] and not f["w_chunk"]:
             bad.append(f"{cid}: {f['weight_loads_in_loop']:g} W_hh global loads inside the time loop")
     return bad

@@ -20,29 +20,45 @@ def test_hidden_size_pads_to_a_power_of_two(H, block_h):
 
 def test_limits_per_dtype():
     h200 = dispatch.H200
-    assert dispatch.choose("LSTM", 128, torch.float16, CUDA).config.variant == "tile-persistent"
-    # Past the tile kernel's limits (120: not a multiple of 16; 129) the cooperative kernel takes over.
-    assert dispatch.choose("LSTM", 120, torch.float16, CUDA, props=h200).config.variant == "cooperative"
+    # the tile kernel takes every H to its top (the kernels see H padded to a multiple of 16)
+    for H in (100, 120, 128):
+        assert dispatch.choose("LSTM", H, torch.float16, CUDA).config.variant == "tile-persistent"
+    # past it, the cooperative kernel
     assert dispatch.choose("LSTM", 129, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
-    assert dispatch.choose("LSTM", 64, torch.float32, CUDA).config.variant == "tile-persistent"
-    # float32 LSTM and GRU: any H to 1024 (the tile kernel's 32 and 64 take multiples of 16 only)
-    for cell in ("LSTM", "GRU"):
-        for H in (40, 100, 128, 200, 1000, 1024):
+    for cell in ("LSTM", "GRU"):  # float32: the tile kernel to 64, the cooperative one to 1024
+        for H in (17, 40, 64):
+            assert dispatch.choose(cell, H, torch.float32, CUDA, props=h200).config.variant == "tile-persistent"
+        for H in (65, 100, 128, 200, 1000, 1024):
             assert dispatch.choose(cell, H, torch.float32, CUDA, props=h200).config.variant == "cooperative"
         assert "limit" in dispatch.choose(cell, 1025, torch.float32, CUDA, props=h200).reason
-    assert dispatch.choose("LSTM", 17, torch.float32, CUDA, props=h200).config.variant == "cooperative"
-    assert dispatch.choose("GRU", 17, torch.float32, CUDA, props=h200).config.variant == "tile-persistent"
     assert dispatch.choose("LSTM", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
-    # Half precision keeps W_hh and W_hh^T on chip, except H not a multiple of 16 at BLOCK_K 1024
-    # (on chip it spills): the LSTM re-reads both in chunks, the GRU its backward's W_hh^T
-    for cell, H in (("LSTM", 300), ("LSTM", 1024), ("GRU", 200), ("GRU", 1024)):
+    # Half precision keeps W_hh and W_hh^T on chip at every size, any H
+    for cell, H in (("LSTM", 300), ("LSTM", 1000), ("LSTM", 1024), ("GRU", 200), ("GRU", 1000), ("GRU", 1024)):
         c = dispatch.choose(cell, H, torch.bfloat16, CUDA, props=h200).config
         assert c.variant == "cooperative" and (c.fwd_chunk, c.w_chunk) == (0, 0), (cell, H)
-    lstm = dispatch.choose("LSTM", 1000, torch.bfloat16, CUDA, props=h200).config
-    gru = dispatch.choose("GRU", 1000, torch.bfloat16, CUDA, props=h200).config
-    assert lstm.fwd_chunk and lstm.w_chunk and (gru.fwd_chunk, bool(gru.w_chunk)) == (0, True)
-    assert dispatch.choose("GRU", 1024, torch.bfloat16, CUDA, props=h200).config.variant == "cooperative"
     assert not dispatch.choose("GRU", 2048, torch.bfloat16, CUDA, props=h200).uses_triton
+
+
+def test_tile_warps_follow_the_precision(monkeypatch):
+    """float32's tile builds take their warps per precision: TF32 dots split over at most as many warps
+    as they have 16x8 tiles (none repeats the product), IEEE fp32 (FFMA) its own count; half precision
+    ignores allow_tf32."""
+    for allow_tf32 in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+        for cell in ("LSTM", "GRU", "RNN_TANH"):
+            for H in (16, 32):
+                fp32 = dispatch.choose(cell, H, torch.float32, CUDA, 16, dispatch.H200).config
+                table = dispatch.TILE_CONFIGS[(cell, torch.float32)][H]
+                want = table if allow_tf32 else dispatch.TILE_IEEE_WARPS.get((cell, H), table)
+                assert fp32.variant == "tile-persistent" and fp32.num_warps == want, (cell, H, allow_tf32)
+                half = dispatch.choose(cell, H, torch.bfloat16, CUDA, 16, dispatch.H200).config
+                assert half.num_warps == dispatch.TILE_CONFIGS[(cell, torch.bfloat16)][H]
+                # a warp's mma.sync is 16 units x 8 rows: at most (H/16) x (16/8) warps share the dot
+                assert half.num_warps <= max(1, H // 16) * 2
+    assert dispatch.TILE_IEEE_WARPS[("LSTM", 32)] != dispatch.TILE_CONFIGS[("LSTM", torch.float32)][32]
+    ieee = [c for c in compile_check.dispatcher_configs() if c[0] == "fwd" and c[1] == "LSTM"
+            and c[2] == torch.float32 and c[3] == 32 and c[7] == "ieee"]
+    assert ieee and all(c[5] == dispatch.TILE_IEEE_WARPS[("LSTM", 32)] for c in ieee)
 
 
 def test_cooperative_k_is_one_or_two_powers_of_two():
@@ -55,17 +71,16 @@ def test_cooperative_k_is_one_or_two_powers_of_two():
             assert dispatch.k_tiles(k)["BLOCK_K2"] in (0, *range(16 * config.num_warps, k, 16)), k
 
 
-def test_a_size_whose_build_does_not_fit_takes_the_next_one_up(monkeypatch):
-    """No cooperative half-precision GRU or LSTM build at BLOCK_K = 128 (the tile kernel takes H to 128,
-    the GRU's and LSTM's multiples of 16 only): other H there pad K to 256. IEEE float32
-    (allow_tf32 off) runs its own builds: past 256 they re-read W_hh in chunks (whole tiles spill on FMA)."""
+def test_the_smallest_cooperative_build_at_or_above_h_serves(monkeypatch):
+    """No cooperative half-precision GRU or LSTM build at BLOCK_K = 128 (the tile kernel takes H to 128):
+    129 pads K to 256. IEEE float32 (allow_tf32 off) runs its own builds: past 256 they re-read W_hh in
+    chunks (whole tiles spill on FMA)."""
     h200 = dispatch.H200
     for dtype in (torch.bfloat16, torch.float16):
-        assert dispatch.choose("GRU", 256, dtype, CUDA, props=h200).config.block_h == 256
-        assert dispatch.choose("GRU", 100, dtype, CUDA, props=h200).config.block_h == 256  # any H there
-        assert dispatch.choose("GRU", 96, dtype, CUDA, props=h200).config.variant == "tile-persistent"
-    # no cooperative LSTM build at 128 (the tile kernel takes its multiples of 16): H = 100 runs the 256 one
-    assert dispatch.choose("LSTM", 100, torch.float16, CUDA, props=h200).config.block_h == 256
+        for cell in ("GRU", "LSTM"):
+            assert dispatch.choose(cell, 129, dtype, CUDA, props=h200).config.block_h == 256
+            assert dispatch.choose(cell, 100, dtype, CUDA, props=h200).config.variant == "tile-persistent"
+        assert dispatch.choose("GRU", 600, dtype, CUDA, props=h200).config.block_h == 768
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     tf32 = dispatch.choose("LSTM", 512, torch.float32, CUDA, props=h200).config
     assert (tf32.fwd_chunk, tf32.w_chunk) == (0, 0)  # W_hh and W_hh^T on chip
@@ -107,17 +122,12 @@ def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tm
         chosen = [r for r in mine if compile_check.is_dispatcher_config(compile_check.Result(
             **{k: v for k, v in r.items() if k != "ok"}))]
         assert len(chosen) >= 4 * len(table) and all(r["ok"] and r["spill_bytes"] == 0 for r in chosen)
-        for excluded, suffix in ((dispatch.PACKED_MULTIPLES_OF_16, "_packed"),
-                                 (dispatch.BIDIR_MULTIPLES_OF_16, "_bidir")):
-            for bad in excluded:  # the exclusions are measured, not guessed
-                if bad[:2] == (cell, dtype):
-                    builds = [r for r in mine if r["kernel"].endswith(suffix) and r["block_h"] == bad[2]]
-                    assert any(not r["ok"] for r in builds if not r["aligned"]), f"{bad}: any H fits {suffix}"
+        for bad in dispatch.PACKED_COOPERATIVE:  # the exclusions are measured, not guessed
+            if bad[:2] == (cell, dtype):
+                builds = [r for r in mine if "_packed" in r["kernel"] and r["block_h"] == bad[2]]
+                assert builds and not all(r["ok"] for r in builds), f"{bad}: the packed tile builds fit"
         beyond = [r for r in mine if r["block_h"] == 2 * top]
         assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * top} fits too"
-        if not table[top][1]:
-            unaligned = [r for r in mine if r["block_h"] == top and not r["aligned"]]
-            assert unaligned and not all(r["ok"] for r in unaligned), f"{cell} {name}: any H fits"
 
 
 def _check_cooperative_results(results):
@@ -134,7 +144,7 @@ def _check_cooperative_results(results):
         assert len(chosen) >= 4 * precisions * len(table) and all(r["ok"] for r in chosen), \
             [r for r in chosen if not r["ok"]]
         for r in chosen:
-            declared = dispatch.coop_config(cell, dtype, r["block_h"], r["precision"], r["aligned"])
+            declared = dispatch.coop_config(cell, dtype, r["block_h"], r["precision"])
             registers = declared.registers_for(r["kernel"].endswith("_packed"))
             assert r["registers"] <= registers and r["shared_bytes"] <= declared.shared_bytes, r
             old = most.get(id(declared), (declared, 0, 0))
@@ -147,3 +157,21 @@ def _check_cooperative_results(results):
             assert beyond and not all(r["ok"] for r in beyond), f"{cell} {name}: {2 * max(table)} fits too"
     for declared, registers, shared in most.values():  # declared as compiled, not above it
         assert (declared.registers, declared.shared_bytes) == (registers, shared), declared
+
+
+def _abort_on_backward(kernel, *args):
+    """A stand-in for compile_one whose backward builds kill their process, as an LLVM assertion does."""
+    if kernel == "bwd":
+        os._exit(134)  # (quietly: os.abort would dump a fatal-error report)
+    return compile_check.Result(*compile_check._result_fields(kernel, *args))
+
+
+def test_a_compiler_abort_is_reported_not_fatal(monkeypatch):
+    """A build whose compile kills its worker is retried alone, then reported as an error; the builds
+    beside it still get their results."""
+    monkeypatch.setattr(compile_check, "compile_one", _abort_on_backward)
+    configs = [(kernel, "LSTM", torch.bfloat16, 16, 16, 1, True, "ieee") for kernel in ("fwd", "bwd", "fwd_bidir")]
+    results = compile_check.run(configs, jobs=2)
+    assert [r.kernel for r in results] == ["fwd", "bwd", "fwd_bidir"]
+    assert results[0].error == "" and results[2].error == ""
+    assert "aborted" in results[1].error and not results[1].ok

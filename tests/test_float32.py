@@ -40,8 +40,7 @@ def test_every_float32_hidden_size_has_a_kernel_on_an_h200(cell, allow_tf32, mon
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_half_precision_hidden_size_to_1024_has_a_kernel_on_an_h200(cell, dtype):
-    """Awkward sizes in half precision too: any H to 1024, padded or packed (past 256 the LSTM and GRU
-    re-read W_hh in chunks for H not a multiple of 16, which spill with it on chip)."""
+    """Awkward sizes in half precision too: any H to 1024, padded or packed."""
     for H in range(1, 1025):
         for packed in (False, True):
             plan = dispatch.choose(cell, H, dtype, CUDA, 16, dispatch.H200, packed=packed)
@@ -102,7 +101,7 @@ def test_a_fallback_warns_once_per_module_and_reason(monkeypatch):
     """Outside strict mode a call no kernel serves runs torch.nn's code with a FallbackWarning naming
     kernel_plan's reason: once per module and reason, so a training loop is not flooded."""
     monkeypatch.setenv("RNN_TRITON_STRICT", "0")
-    H = dispatch.max_hidden("LSTM", torch.float32, multiple_of_16=False) + 1  # above every kernel
+    H = dispatch.max_hidden("LSTM", torch.float32) + 1  # above every kernel
     a, b = rnn_triton.LSTM(2, H).to(DEVICE), rnn_triton.LSTM(2, H).to(DEVICE)
     x = torch.randn(2, 1, 2, device=DEVICE)
     reason = a.kernel_plan(x).reason
@@ -125,7 +124,7 @@ def test_a_fallback_warns_once_per_module_and_reason(monkeypatch):
 
 def test_strict_mode_raises_instead_of_warning(monkeypatch):
     monkeypatch.setenv("RNN_TRITON_STRICT", "1")
-    H = dispatch.max_hidden("GRU", torch.float32, multiple_of_16=False) + 1
+    H = dispatch.max_hidden("GRU", torch.float32) + 1
     with pytest.raises(NotImplementedError, match="limit"):
         rnn_triton.GRU(2, H).to(DEVICE)(torch.randn(2, 1, 2, device=DEVICE))
 
@@ -167,7 +166,7 @@ def test_a_compiled_fallback_does_not_break_the_graph(monkeypatch):
     (and silent; kernel_plan or strict mode tells)."""
     monkeypatch.setenv("RNN_TRITON_STRICT", "0")
     torch._dynamo.reset()
-    H = dispatch.max_hidden("GRU", torch.float32, multiple_of_16=False) + 1
+    H = dispatch.max_hidden("GRU", torch.float32) + 1
     module = rnn_triton.GRU(2, H).to(DEVICE)
     x = torch.randn(2, 1, 2, device=DEVICE)
     with warnings.catch_warnings():

@@ -69,11 +69,9 @@ def test_dtypes_per_hidden_size(cell, dtype, H, seed):
     _case(cell, H, 3, 37, dtype, True, False, True, seed)
 
 
-#: A float32 size no kernel takes (the compile check): tile-persistent stops at 64, cooperative float32
-#: at 1024 for the RNN and nowhere for LSTM and GRU.
 def _too_big(cell):
     """The smallest hidden size no kernel takes in float32 (float64 takes its sizes)."""
-    return dispatch.max_hidden(cell, torch.float32, multiple_of_16=False) + 1
+    return dispatch.max_hidden(cell, torch.float32) + 1
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -153,18 +151,33 @@ def test_bidirectional_layer_is_one_launch(cell):
     assert runtime.launches["persistent_bwd"] - before.get("persistent_bwd", 0) == 2
 
 
-def test_bidirectional_where_the_two_direction_build_does_not_fit(seed, monkeypatch):
-    """Where a table marks the two-direction build as spilling for H not a multiple of 16
-    (``BIDIR_MULTIPLES_OF_16``: no size at present, so one is marked here), each direction is its own
-    launch, on slices of the same tensors."""
-    monkeypatch.setattr(dispatch, "BIDIR_MULTIPLES_OF_16", {("GRU", torch.bfloat16, 64)})
-    assert not dispatch.directions_in_one_launch("GRU", torch.bfloat16, 64, 50)
-    module = rnn_triton.GRU(3, 50, bidirectional=True).to(torch.bfloat16)
-    before = dict(runtime.launches)
-    hx = torch.randn(2, 2, 50, dtype=torch.float64)
-    compare_with_torch(module, torch.nn.GRU, torch.randn(3, 2, 3, dtype=torch.float64), hx, seed)
-    assert runtime.launches["persistent_fwd"] - before.get("persistent_fwd", 0) == 2
-    assert runtime.launches["persistent_bwd"] - before.get("persistent_bwd", 0) == 2
+def test_padded_units_pads_every_block():
+    """Each block of 3 units (a gate's or a direction's) followed by zeros up to 4, along any dim."""
+    t = torch.arange(12.0).view(6, 2)
+    assert ops.padded_units(t, 3, 4, 0).tolist() == [[0, 1], [2, 3], [4, 5], [0, 0], [6, 7], [8, 9],
+                                                     [10, 11], [0, 0]]
+    assert ops.padded_units(t.T, 3, 4).tolist() == ops.padded_units(t, 3, 4, 0).T.tolist()
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_RELU"])
+def test_h_not_a_multiple_of_16_runs_padded_to_one(cell, seed, monkeypatch):
+    """H = 20 in two directions: the kernels get H = 32, each gate's and direction's units padded with
+    zero ones (ops.padded_units); outputs, final states and every gradient are torch.nn's (float64)."""
+    seen = []
+    original = ops.recurrent_fwd
+
+    def recording(xp, w_hh, *args):
+        seen.append((xp.shape[-1], tuple(w_hh.shape)))
+        return original(xp, w_hh, *args)
+
+    monkeypatch.setattr(ops, "recurrent_fwd", recording)
+    ours, theirs, extra = CELLS[cell]
+    G = dispatch.CELLS[cell].num_gates
+    hx = torch.randn(2, 3, 20, dtype=torch.float64)
+    hx = (hx, torch.randn(2, 3, 20, dtype=torch.float64)) if cell == "LSTM" else hx
+    compare_with_torch(ours(5, 20, bidirectional=True, **extra).to(torch.float32), theirs,
+                       torch.randn(4, 3, 5, dtype=torch.float64), hx, seed)
+    assert seen and all(shapes == (2 * G * 32, (2 * G * 32, 32)) for shapes in seen), seen
 
 
 @interpreter_only

@@ -205,15 +205,14 @@ def test_packed_beyond_every_kernel_says_why():
         module(packed)
 
 
-def test_packed_input_past_the_tile_kernels_packed_limit_goes_cooperative(seed):
-    """The float32 ReLU RNN at BLOCK_H = 64 takes any H padded, but packed only multiples of 16 (its
-    build with lengths spills otherwise): packed H = 50 goes to the cooperative kernel, and matches
-    torch.nn there."""
-    assert ("RNN_RELU", torch.float32, 64) in dispatch.PACKED_MULTIPLES_OF_16
-    plan = dispatch.choose("RNN_RELU", 50, torch.float32, DEVICE, 2, packed=True)
+def test_packed_input_where_the_tile_build_with_lengths_spills_goes_cooperative(seed):
+    """The float32 LSTM at BLOCK_H = 64 runs the tile kernel, but packed the cooperative one (its tile
+    build with lengths spills: ``dispatch.PACKED_COOPERATIVE``): packed H = 50 matches torch.nn there."""
+    assert ("LSTM", torch.float32, 64) in dispatch.PACKED_COOPERATIVE
+    plan = dispatch.choose("LSTM", 50, torch.float32, DEVICE, 2, packed=True)
     assert plan.uses_triton and plan.config.variant in ("stepwise", "cooperative"), plan
-    assert dispatch.choose("RNN_RELU", 50, torch.float32, DEVICE, 2).config.variant == "tile-persistent"
-    _packed_case("RNN_RELU", [3, 5, 1], False, with_state=True, dtype=torch.float32, H=50,
+    assert dispatch.choose("LSTM", 50, torch.float32, DEVICE, 2).config.variant == "tile-persistent"
+    _packed_case("LSTM", [3, 5, 1], False, with_state=True, dtype=torch.float32, H=50,
                  variant=plan.config.variant if DEVICE.type == "cpu" else None)
 
 

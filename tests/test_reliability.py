@@ -379,8 +379,8 @@ def test_deterministic(cell):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("H,B", [(17, 5), (33, 31), (100, 5)])
 def test_awkward_sizes(cell, H, B, seed):
-    """In the widest dtype the kernel takes at that H. The LSTM takes no H = 100 (not a multiple of 16
-    above 64): there the fallback's plan and strict error are what is checked."""
+    """In the widest dtype the kernel takes at that H (where none did, the fallback's plan and strict
+    error would be what is checked)."""
     dtype = next((d for d in (torch.float32, torch.bfloat16) if _supported(cell, H, d)), None)
     if dtype is None:
         module = _make(cell, 8, H).to(DEVICE, torch.bfloat16)
