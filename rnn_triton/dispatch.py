@@ -183,10 +183,58 @@ COOP_CONFIGS = {
 }
 
 
-#: AMD Instinct targets: per architecture, the tile-persistent tables ({BLOCK_H: wavefronts of 64}) and
-#: the cooperative ones. None yet: an AMD GPU gets torch's implementation with the reason.
-AMD_TILE_CONFIGS = {}
-AMD_COOP_CONFIGS = {}
+#: AMD Instinct targets, read off the AMD compile check (``python -m rnn_triton.amd_compile_check``):
+#: per architecture, the tile-persistent tables ({BLOCK_H: wavefronts of 64}) and the cooperative ones
+#: (as ``COOP_CONFIGS``; registers = VGPRs + AGPRs per lane, shared_bytes = LDS, at most 64 KB a CU).
+#: Wavefronts: as many as the MFMA dots split without repeating (MFMA efficiency 1.0: a 64-lane wave
+#: does what two 32-lane warps do, so the RNN takes half sm_90's warps); the RNN's half-precision
+#: 256 tile needs 128 KB of LDS, so its H past 128 runs cooperative.
+_AMD_LSTM_GRU_TILE = {16: 1, 32: 2, 64: 4, 128: 8}
+_AMD_RNN_TILE = {16: 1, 32: 2, 64: 4, 128: 8}
+_AMD_TILE = {
+    ("LSTM", torch.float16): _AMD_LSTM_GRU_TILE, ("LSTM", torch.bfloat16): _AMD_LSTM_GRU_TILE,
+    ("LSTM", torch.float32): {16: 1, 32: 2, 64: 4},
+    ("GRU", torch.float16): _AMD_LSTM_GRU_TILE, ("GRU", torch.bfloat16): _AMD_LSTM_GRU_TILE,
+    ("GRU", torch.float32): {16: 1, 32: 2, 64: 4, 128: 8},
+    ("RNN_TANH", torch.float16): _AMD_RNN_TILE, ("RNN_TANH", torch.bfloat16): _AMD_RNN_TILE,
+    ("RNN_TANH", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
+    ("RNN_RELU", torch.float16): _AMD_RNN_TILE, ("RNN_RELU", torch.bfloat16): _AMD_RNN_TILE,
+    ("RNN_RELU", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
+}
+_AMD_LSTM_COOP = {256: _C(8, 141, 32 * _K), 512: _C(8, 159, 64 * _K), 768: _C(8, 183, 64 * _K),
+                  1024: _C(8, 195, 32 * _K, w_chunk=256)}
+_AMD_GRU_COOP_HALF = {256: _C(8, 116, 16 * _K), 512: _C(8, 127, 32 * _K), 768: _C(8, 149, 32 * _K),
+                      1024: _C(8, 170, 64 * _K)}
+_AMD_RNN_COOP_HALF = {256: _C(8, 50, 8 * _K), 512: _C(8, 57, 16 * _K), 768: _C(8, 68, 16 * _K),
+                      1024: _C(8, 74, 32 * _K), 2048: _C(8, 112, 64 * _K)}
+_AMD_RNN_COOP_FP32 = {128: _C(4, 52, 8 * _K, ieee=_C(4, 59, 8 * _K)),
+                      256: _C(8, 54, 16 * _K, ieee=_C(8, 59, 16 * _K)),
+                      512: _C(8, 72, 32 * _K, ieee=_C(8, 84, 32 * _K)),
+                      1024: _C(8, 108, 64 * _K, ieee=_C(8, 131, 64 * _K)),
+                      2048: _C(8, 87, 32 * _K, w_chunk=512, fwd_chunk=512,
+                               ieee=_C(8, 74, 16 * _K, w_chunk=256, fwd_chunk=256))}
+_AMD_LSTM_COOP_FP32 = {128: _C(8, 138, 32 * _K, ieee=_C(8, 140, 32 * _K, w_chunk=128)),
+                       256: _C(8, 154, 64 * _K, ieee=_C(8, 156, 32 * _K, w_chunk=128)),
+                       512: _C(8, 189, 64 * _K, w_chunk=256, ieee=_C(8, 166, 64 * _K, w_chunk=256, fwd_chunk=256)),
+                       1024: _C(8, 138, 64 * _K, w_chunk=256, fwd_chunk=256,
+                                ieee=_C(8, 166, 64 * _K, w_chunk=256, fwd_chunk=256))}
+_AMD_GRU_COOP_FP32 = {128: _C(8, 92, 16 * _K, ieee=_C(8, 96, 16 * _K)),
+                      256: _C(8, 118, 32 * _K, ieee=_C(8, 115, 16 * _K, w_chunk=128)),
+                      512: _C(8, 167, 64 * _K, ieee=_C(8, 154, 32 * _K, w_chunk=256, fwd_chunk=256)),
+                      1024: _C(8, 130, 32 * _K, w_chunk=256, fwd_chunk=256,
+                               ieee=_C(8, 154, 32 * _K, w_chunk=256, fwd_chunk=256))}
+_AMD_COOP = {
+    ("LSTM", torch.float16): _AMD_LSTM_COOP, ("LSTM", torch.bfloat16): _AMD_LSTM_COOP,
+    ("LSTM", torch.float32): _AMD_LSTM_COOP_FP32,
+    ("GRU", torch.float16): _AMD_GRU_COOP_HALF, ("GRU", torch.bfloat16): _AMD_GRU_COOP_HALF,
+    ("GRU", torch.float32): _AMD_GRU_COOP_FP32,
+    ("RNN_TANH", torch.float16): _AMD_RNN_COOP_HALF, ("RNN_TANH", torch.bfloat16): _AMD_RNN_COOP_HALF,
+    ("RNN_TANH", torch.float32): _AMD_RNN_COOP_FP32,
+    ("RNN_RELU", torch.float16): _AMD_RNN_COOP_HALF, ("RNN_RELU", torch.bfloat16): _AMD_RNN_COOP_HALF,
+    ("RNN_RELU", torch.float32): _AMD_RNN_COOP_FP32,
+}
+AMD_TILE_CONFIGS = {"gfx942": _AMD_TILE, "gfx90a": _AMD_TILE}
+AMD_COOP_CONFIGS = {"gfx942": _AMD_COOP, "gfx90a": _AMD_COOP}
 
 
 def fp32_precisions(arch: str) -> tuple:
