@@ -84,7 +84,8 @@ class AmdResult:
     @property
     def waves_per_simd(self) -> int:
         """How many waves of this kernel one SIMD holds by its VGPRs."""
-        return min(MAX_WAVES_PER_SIMD, VGPRS_PER_LANE // max(VGPR_GRANULE, -(-self.vgprs // VGPR_GRANULE) * VGPR_GRANULE))
+        allocated = max(VGPR_GRANULE, -(-self.vgprs // VGPR_GRANULE) * VGPR_GRANULE)
+        return min(MAX_WAVES_PER_SIMD, VGPRS_PER_LANE // allocated)
 
     @property
     def ok(self) -> bool:
@@ -180,7 +181,8 @@ def _mfma_efficiency(r: AmdResult) -> float:
         return 0.0
     units = r.block_u if r.kernel.startswith("coop") else r.block_h
     k = sum(k_tiles(r.block_h).values()) if r.kernel.startswith("coop") else r.block_h
-    chunks = -(-k // r.w_chunk) if r.w_chunk and r.kernel.startswith("coop") else 1  # a chunk loop's body runs per chunk
+    # a chunk loop's body (the whole chunked product) appears once in the time loop and runs per chunk
+    chunks = -(-k // r.w_chunk) if r.w_chunk and r.kernel.startswith("coop") else 1
     useful = CELLS[r.cell].num_gates * units * k * r.block_b  # (a two-direction build: one per program)
     return round(useful / (issued * chunks * r.num_warps), 4)
 

@@ -45,7 +45,8 @@ def _precision(dtype: torch.dtype, device: torch.device):
     if dtype == torch.float32:
         # torch.nn's RNNs run on cuDNN, which uses TF32 for float32 exactly when cudnn.allow_tf32 is set
         # (and the GPU has TF32: gfx90a has not).
-        tf32 = device.type == "cuda" and dispatch.dot_precision(dtype, device, dispatch.device_arch(device)) == "tf32"
+        arch = dispatch.device_arch(device)
+        tf32 = device.type == "cuda" and dispatch.dot_precision(dtype, device, arch) == "tf32"
         return tl.float32, tl.float32, "tf32" if tf32 else "ieee"
     if dtype == torch.bfloat16 and runtime.interpreting():
         return tl.float32, tl.float32, "ieee"  # the interpreter's bf16 arithmetic is wrong: use fp32
@@ -95,8 +96,9 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     """Forward time loop of D = 1 or 2 directions at once (``variant``, ``fwd_chunk`` and the rest: see
     ``dispatch.KernelConfig``; ``w_chunk`` is the backward's, passed on to it).
 
-    w_hh: [D*G*H, H] (on a GPU, H a multiple of 16), the directions' W_hh stacked; xp: [T, B, D*G*H] (or [B, T, D*G*H] when
-    batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H]; h0, c0: [D, B, H].
+    w_hh: [D*G*H, H] (on a GPU, H a multiple of 16), the directions' W_hh stacked; xp: [T, B, D*G*H]
+    (or [B, T, D*G*H] when batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H];
+    h0, c0: [D, B, H].
     Direction d runs its steps last to first when reverse + d is odd (a bidirectional layer: D = 2,
     reverse False).
 

@@ -34,7 +34,8 @@ def test_every_hidden_size_to_the_limit_has_a_resident_kernel(arch, dtype):
                 assert plan.uses_triton, (cell, H, packed, plan.reason)
                 c = plan.config
                 if c.variant != "tile-persistent":
-                    coop = dispatch.coop_config(cell, dtype, c.block_h, dispatch.dot_precision(dtype, CUDA, arch), arch)
+                    precision = dispatch.dot_precision(dtype, CUDA, arch)
+                    coop = dispatch.coop_config(cell, dtype, c.block_h, precision, arch)
                     capacity = props.sm_count * dispatch.resident_blocks(
                         props, coop.num_warps, coop.registers_for(packed), coop.shared_bytes)
                     assert (c.variant == "cooperative") == (-(-H // 16) <= capacity), (cell, H, plan)
