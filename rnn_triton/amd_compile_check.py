@@ -153,9 +153,9 @@ def time_loop_mfma(asm: str) -> dict:
     chunked re-read are loops inside it, counted once)."""
     lines = asm.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.LBB\w+):", line))}
-    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"\bs_cbranch\w*\s+(\.LBB\w+)|\bs_branch\s+(\.LBB\w+)", line))
-             and (m := re.search(r"(\.LBB\w+)", line)) and labels.get(m.group(1), i) < i]
+    branches = [(i, m.group(1)) for i, line in enumerate(lines)
+                if (m := re.search(r"\bs_(?:cbranch_\w+|branch)\s+(\.LBB\w+)", line))]
+    spans = [(labels[target], i) for i, target in branches if labels.get(target, i) < i]
     if not spans:
         return {}
     start, end = max(spans, key=lambda s: s[1] - s[0])
