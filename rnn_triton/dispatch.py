@@ -14,6 +14,8 @@ Three variants, by on-chip capacity:
 The configurations come from the sm_90 compile check (``python -m rnn_triton.compile_check``): every
 configuration ``choose`` can return compiles there with no spills and within the shared-memory limit,
 its registers and shared memory are at most what the tables say, and the next size up does not fit.
+AMD GPUs (gfx942, gfx90a) take their own tables (``AMD_TILE_CONFIGS``, ``AMD_COOP_CONFIGS``), read off
+``python -m rnn_triton.amd_compile_check`` under the same rules; ``device_arch`` picks the tables.
 """
 from dataclasses import dataclass
 from typing import Optional
