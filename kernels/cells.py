@@ -125,3 +125,63 @@ def cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, c_new, c, h):
     else:
         da = tl.where(s0 <= 0.0, 0.0, dh)  # torch's threshold_backward: a NaN h' (a) passes dh on
         return da, da, da, da, da, dh * 0.0, dc
+
+
+SLSTM = tl.constexpr(4)
+
+
+@triton.jit
+def slstm_forward(a_i, a_f, a_z, a_o, c, n, m):
+    """One sLSTM step (xLSTM, arXiv 2405.04517), FlashRNN's equations: gates i, f, z, o with
+    a_k = x_k + (h @ R^T)_k, states h, c, n (normaliser), m (stabiliser, a log scale):
+
+        lfm = m + log sigmoid(a_f);   m' = a_i where n = 0 (a fresh state), else max(a_i, lfm)
+        i = exp(a_i - m'),  f = exp(lfm - m'),  c' = f c + i tanh(a_z),  n' = max(f n + i, 1)
+        h' = sigmoid(a_o) c' / n'
+
+    (FlashRNN's ``vanilla`` backend takes the a_i branch when n = 0 for every element of the batch, its
+    Triton kernel per element, as here: they differ only for initial states whose n is 0 in some
+    elements and not in others.) Returns (h', c', n', m')."""
+    lfm = m + _logsigmoid(a_f)
+    m_new = tl.where(n == 0.0, a_i, tl.maximum(a_i, lfm))
+    i = tl.exp(a_i - m_new)
+    f = tl.exp(lfm - m_new)
+    c_new = f * c + i * _tanh(a_z)
+    n_new = tl.maximum(f * n + i, 1.0)
+    return _sigmoid(a_o) * c_new / n_new, c_new, n_new, m_new
+
+
+@triton.jit
+def slstm_backward(dh, dc, dn, dm, a_i, a_f, a_z, a_o, c, n, m):
+    """Derivative of ``slstm_forward`` (autograd's of FlashRNN's vanilla step, stabiliser included):
+    dh, dc, dn, dm: dLoss/d(h', c', n', m'); a_*: the step's pre-activations; c, n, m: the states before
+    it (the step is recomputed from them). A tie of max() passes half the gradient to each side, as
+    torch.maximum's derivative does (n' = max(f n + i, 1) ties at a fresh state's first step).
+
+    Returns (da_i, da_f, da_z, da_o, dc, dn, dm) for the state before the step."""
+    lfm = m + _logsigmoid(a_f)
+    fresh = n == 0.0
+    m_new = tl.where(fresh, a_i, tl.maximum(a_i, lfm))
+    i = tl.exp(a_i - m_new)
+    f = tl.exp(lfm - m_new)
+    z = _tanh(a_z)
+    o = _sigmoid(a_o)
+    c_new = f * c + i * z
+    v = f * n + i
+    n_new = tl.maximum(v, 1.0)
+    dc = dc + dh * o / n_new
+    dn = dn - dh * o * c_new / (n_new * n_new)
+    dv = dn * tl.where(v > 1.0, 1.0, tl.where(v == 1.0, 0.5, 0.0))
+    e_i = (dc * z + dv) * i    # dLoss/d(a_i - m') through i
+    e_f = (dc * c + dv * n) * f  # dLoss/d(lfm - m') through f
+    dm_new = dm - e_i - e_f    # m' itself: what reaches it directly and through i and f
+    to_i = tl.where(fresh | (a_i > lfm), 1.0, tl.where(a_i == lfm, 0.5, 0.0))
+    dlfm = e_f + (1.0 - to_i) * dm_new
+    return (e_i + to_i * dm_new, dlfm * _sigmoid(-a_f), dc * i * (1.0 - z * z), dh * c_new / n_new * o * (1.0 - o),
+            dc * f, dv * f, dlfm)
+
+
+@triton.jit
+def _logsigmoid(x):
+    """log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), without overflow for any x."""
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))

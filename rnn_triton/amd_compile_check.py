@@ -114,8 +114,9 @@ def compile_one(arch: str, kernel: str, cell_name: str, dtype: torch.dtype, bloc
     fn, constexprs = kernel_and_constexprs(kernel, cell_name, dtype, block_h, block_b, num_warps, precision,
                                            block_u, w_chunk)
     sig = _signature(fn, dtype, constexprs)
+    never = NEVER_DIVISIBLE + tuple(getattr(fn, "do_not_specialize", ()))  # as compile_check.compile_one
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name] != "constexpr" and name not in NEVER_DIVISIBLE}
+             if sig[name] != "constexpr" and name not in never}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 1}
     target = GPUTarget("hip", arch, 64)
@@ -213,13 +214,13 @@ def dispatcher_configs(arch: str, probe: bool = False):
     """Every (kernel, cell, dtype, block_h, block_b, num_warps, precision, block_u, w_chunk) the
     dispatcher can choose on ``arch`` (float32 in each precision the target has), with the packed tile
     builds that ``dispatch.PACKED_COOPERATIVE`` excludes; with ``probe``, the next size up too."""
+    from .compile_check import tile_kernels
     from .dispatch import AMD_COOP_CONFIGS, AMD_TILE_CONFIGS, BLOCK_B, BLOCK_U, fp32_precisions
     configs = []
     for (cell, dtype), table in AMD_TILE_CONFIGS[arch].items():
         sizes = list(table) + ([2 * max(table)] if probe else [])
         for block_h in sizes:
-            for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed", "fwd_bidir", "bwd_bidir",
-                           "fwd_packed_bidir", "bwd_packed_bidir"):
+            for kernel in tile_kernels(cell):
                 for precision in fp32_precisions(arch) if dtype == torch.float32 else ("ieee",):
                     configs.append((kernel, cell, dtype, block_h, BLOCK_B, table[min(block_h, max(table))],
                                     precision, 0, 0))

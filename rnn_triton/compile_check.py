@@ -108,7 +108,9 @@ def compile_one(kernel: str, cell_name: str, dtype: torch.dtype, block_h: int, b
     res = Result(*_result_fields(kernel, cell_name, dtype, block_h, block_b, num_warps, aligned, precision, block_u,
                                  w_chunk))
     from .dispatch import MAXNREG
-    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, NEVER_DIVISIBLE, num_warps,
+    # and what the kernel never specialises (the tile kernels' sizes: kernels/persistent.py)
+    never = NEVER_DIVISIBLE + tuple(getattr(fn, "do_not_specialize", ()))
+    return measure(res, fn, _signature(fn, dtype, constexprs), constexprs, never, num_warps,
                    cached=cached, maxnreg=MAXNREG)
 
 
@@ -126,7 +128,7 @@ def kernel_and_constexprs(kernel: str, cell_name: str, dtype: torch.dtype, block
     from .kernels.persistent import persistent_bwd_kernel, persistent_fwd_kernel
 
     cell = CELLS[cell_name]
-    base = kernel.removesuffix("_bidir")
+    base = kernel.removesuffix("_bidir").replace("_states", "")
     fn = {"fwd": persistent_fwd_kernel, "bwd": persistent_bwd_kernel, "fwd_packed": persistent_fwd_kernel,
           "bwd_packed": persistent_bwd_kernel, "coop_fwd": cooperative_fwd_kernel,
           "coop_bwd": cooperative_bwd_kernel, "coop_fwd_packed": cooperative_fwd_kernel,
@@ -140,7 +142,9 @@ def kernel_and_constexprs(kernel: str, cell_name: str, dtype: torch.dtype, block
         constexprs.update(BLOCK_U=block_u, SPLIT=num_warps, COOPERATIVE=True, W_CHUNK=w_chunk,
                           **k_tiles(block_h))
     else:
-        constexprs.update(BLOCK_H=block_h, DIRECTIONS=2 if kernel.endswith("_bidir") else 1)
+        constexprs.update(BLOCK_H=block_h, GROUPED=kernel.endswith("_bidir"), NUM_C=max(cell.num_c, 1))
+        if "bwd" in kernel:
+            constexprs["STATE_GRADS"] = "_states" in kernel
     if "fwd" in kernel:
         constexprs["SAVE"] = True
     return fn, constexprs
@@ -330,8 +334,7 @@ def dispatcher_configs(probe: bool = False):
         sizes = list(table) + ([2 * max(table)] if probe else [])
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for block_h in sizes:
-            for kernel in ("fwd", "bwd", "fwd_packed", "bwd_packed", "fwd_bidir", "bwd_bidir",
-                           "fwd_packed_bidir", "bwd_packed_bidir"):
+            for kernel in tile_kernels(cell):
                 for precision in precisions:
                     w = tile_warps(cell, dtype, min(block_h, max(table)), precision)
                     configs.append((kernel, cell, dtype, block_h, BLOCK_B, w, True, precision))
@@ -346,6 +349,15 @@ def dispatcher_configs(probe: bool = False):
                     configs.append((kernel, cell, dtype, block_k, BLOCK_B, c.num_warps, True, precision,
                                     BLOCK_U, c.w_chunk if "bwd" in kernel else c.fwd_chunk))
     return configs
+
+
+def tile_kernels(cell: str) -> tuple:
+    """The tile-persistent builds of ``cell``: forward and backward, each also "_packed" (per-row
+    lengths) and "_bidir" (a grid axis of blocks: directions, heads); cells with states beside h also
+    "bwd_states" (the backward that takes the gradient of the per-step states: FlashRNN's outputs)."""
+    from .dispatch import CELLS
+    return ("fwd", "bwd", "fwd_packed", "bwd_packed", "fwd_bidir", "bwd_bidir", "fwd_packed_bidir",
+            "bwd_packed_bidir") + (("bwd_states", "bwd_states_bidir") if CELLS[cell].num_c else ())
 
 
 def is_dispatcher_config(r) -> bool:

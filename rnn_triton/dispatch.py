@@ -29,16 +29,20 @@ from . import runtime
 class Cell:
     """Static facts about a cell kind, as the kernels see it."""
     name: str
-    kernel_id: int    # kernels.cells: LSTM=0, GRU=1, RNN_TANH=2, RNN_RELU=3
+    kernel_id: int    # kernels.cells: LSTM=0, GRU=1, RNN_TANH=2, RNN_RELU=3, SLSTM=4
     num_gates: int    # gate blocks in W_ih / W_hh
     num_saved: int    # slots per step saved for backward (storage dtype: kernels/cells.py)
+    num_c: int = 0    # states beside h, stacked in "c" tensors [.., num_c*H]: c (LSTM); c, n, m (sLSTM)
 
 
 CELLS = {
-    "LSTM": Cell("LSTM", 0, 4, 4),
+    "LSTM": Cell("LSTM", 0, 4, 4, 1),
     "GRU": Cell("GRU", 1, 3, 4),
     "RNN_TANH": Cell("RNN_TANH", 2, 1, 1),
     "RNN_RELU": Cell("RNN_RELU", 3, 1, 1),
+    # xLSTM's sLSTM (kernels/cells.py ``slstm_forward``): tile-persistent kernels only, through
+    # ``rnn_triton.flashrnn`` and ``rnn_triton.SLSTM`` (no torch.nn counterpart)
+    "SLSTM": Cell("SLSTM", 4, 4, 4, 3),
 }
 
 #: The tile-persistent kernel's configurations, per cell and storage dtype: {BLOCK_H: num_warps},
@@ -65,6 +69,9 @@ TILE_CONFIGS = {
     ("RNN_RELU", torch.float16): _RNN_HALF,
     ("RNN_RELU", torch.bfloat16): _RNN_HALF,
     ("RNN_RELU", torch.float32): _RNN_FP32,
+    ("SLSTM", torch.float16): _LSTM_HALF,
+    ("SLSTM", torch.bfloat16): _LSTM_HALF,
+    ("SLSTM", torch.float32): {16: 1, 32: 2, 64: 4},
 }
 
 #: float32 with allow_tf32 off (IEEE fp32: the dots run on FFMA, which more warps share without
@@ -73,6 +80,7 @@ TILE_CONFIGS = {
 #: 32 and 64 take 8 and 16: their builds with lengths on fewer warps abort LLVM's SLP vectorizer
 #: (Triton 3.9; the compile check reports such a build as an error).
 TILE_IEEE_WARPS = {("LSTM", 16): 4, ("LSTM", 32): 8, ("LSTM", 64): 16,
+                   ("SLSTM", 16): 4, ("SLSTM", 32): 8, ("SLSTM", 64): 16,
                    ("GRU", 16): 4, ("GRU", 32): 4, ("GRU", 64): 8,
                    ("RNN_TANH", 16): 4, ("RNN_RELU", 16): 4}
 
@@ -202,6 +210,8 @@ _AMD_TILE = {
     ("RNN_TANH", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
     ("RNN_RELU", torch.float16): _AMD_RNN_TILE, ("RNN_RELU", torch.bfloat16): _AMD_RNN_TILE,
     ("RNN_RELU", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
+    ("SLSTM", torch.float16): _AMD_LSTM_GRU_TILE, ("SLSTM", torch.bfloat16): _AMD_LSTM_GRU_TILE,
+    ("SLSTM", torch.float32): {16: 1, 32: 2, 64: 4},
 }
 _AMD_LSTM_COOP = {256: _C(8, 141, 32 * _K), 512: _C(8, 159, 64 * _K), 768: _C(8, 183, 64 * _K),
                   1024: _C(8, 195, 32 * _K, w_chunk=256)}
@@ -403,13 +413,15 @@ def dot_precision(dtype: torch.dtype, device: torch.device, arch: str) -> str:
 
 
 def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1,
-           props: Optional[DeviceProps] = None, packed: bool = False, directions: int = 1) -> Plan:
+           props: Optional[DeviceProps] = None, packed: bool = False, directions: int = 1,
+           heads: int = 1) -> Plan:
     """The plan for one layer of ``cell`` with ``hidden_size`` units and ``batch`` rows on ``device`` in
     ``dtype``. ``props``: the GPU's properties (read from ``device`` when not given). ``packed``:
     per-row lengths (PackedSequence input): every variant takes them, in a build of its own (the
     kernels' HAS_LENGTHS; where that tile build spills, the cooperative kernel: ``PACKED_COOPERATIVE``).
     ``directions``: 2 for a bidirectional layer (the cooperative variant runs its two grids at once
-    where both fit)."""
+    where both fit). ``heads``: a block-diagonal recurrence of that many heads, ``hidden_size`` units
+    each, which only the tile-persistent kernel runs (one program per head and batch tile)."""
     if device.type == "cpu":
         if not runtime.interpreting():
             return Plan(None, "CPU tensors run through Triton only under TRITON_INTERPRET=1")
@@ -431,6 +443,10 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
     if block_h in tile_table.get(key, {}) and not (packed and (cell, key[1], block_h) in PACKED_COOPERATIVE):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h,
                                  tile_warps(cell, key[1], block_h, precision, arch)))
+    if heads > 1:
+        return Plan(None, f"a head size of {hidden_size} is above the tile-persistent kernel's limit for {cell} "
+                          f"in {dtype}{'' if arch == 'sm_90' else ' on ' + arch}, which heads need: "
+                          f"{max_hidden(cell, dtype, 'tile-persistent', arch)}")
     # the smallest cooperative configuration that takes this H
     fits = sorted(bk for bk in coop_table.get(key, {}) if bk >= hidden_size)
     if not fits:

@@ -61,24 +61,29 @@ def _time_major(t: Tensor, batch_first: bool) -> Tensor:
     return t.transpose(0, 1) if batch_first else t
 
 
-def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first) -> int:
-    """Shapes the kernels rely on (metadata only: no synchronisation). Returns the directions D."""
+def _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first, heads, variant) -> int:
+    """Shapes the kernels rely on (metadata only: no synchronisation). Returns the blocks of W_hh
+    (directions x heads)."""
     T, B, DGH = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
-    D = w_hh.shape[0] // max(cell.num_gates * H, 1)
-    torch._check(D in (1, 2) and w_hh.shape[0] == D * cell.num_gates * H and DGH == w_hh.shape[0],
-                 lambda: f"xp {tuple(xp.shape)} and w_hh {tuple(w_hh.shape)} do not fit a {cell.name}")
-    for name, state in (("h0", h0), ("c0", c0)):
-        torch._check(state is None or tuple(state.shape) == (D, B, H), lambda: f"{name} must be [{D}, {B}, {H}]")
-    torch._check(cell.name != "LSTM" or (h0 is None) == (c0 is None), lambda: "LSTM takes h0 and c0 together")
+    blocks = w_hh.shape[0] // max(cell.num_gates * H, 1)
+    torch._check(heads >= 1 and blocks in (heads, 2 * heads) and w_hh.shape[0] == blocks * cell.num_gates * H
+                 and DGH == w_hh.shape[0],
+                 lambda: f"xp {tuple(xp.shape)} and w_hh {tuple(w_hh.shape)} do not fit a {cell.name} of {heads} heads")
+    torch._check(heads == 1 or variant == "tile-persistent", lambda: "heads run in the tile-persistent kernel only")
+    torch._check(h0 is None or tuple(h0.shape) == (blocks, B, H), lambda: f"h0 must be [{blocks}, {B}, {H}]")
+    torch._check(c0 is None or tuple(c0.shape) == (blocks, B, cell.num_c * H),
+                 lambda: f"c0 must be [{blocks}, {B}, {cell.num_c * H}]")
+    torch._check(not cell.num_c or (h0 is None) == (c0 is None), lambda: f"{cell.name} takes h0 and c0 together")
     # the compiled builds are those for sizes divisible by 16 (recurrent_directions pads to them)
     torch._check_value(xp.device.type != "cuda" or H % 16 == 0,
                        lambda: f"recurrent_fwd takes H = {H} on a GPU only padded to a multiple of 16 (padded_units)")
-    torch._check(b_hn is None or tuple(b_hn.shape) == (D * H,), lambda: f"b_hn must be [{D * H}]")
-    return D
+    torch._check(b_hn is None or tuple(b_hn.shape) == (blocks * H,), lambda: f"b_hn must be [{blocks * H}]")
+    return blocks
 
 
-def _num_directions(w_hh: Tensor, cell_id: int) -> int:
+def _num_blocks(w_hh: Tensor, cell_id: int) -> int:
+    """The diagonal blocks of a stacked W_hh [blocks*G*H, H]: directions x heads."""
     return w_hh.shape[0] // (_CELL_BY_ID[cell_id].num_gates * w_hh.shape[1])
 
 
@@ -92,26 +97,29 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
                   c0: Optional[Tensor], lengths: Optional[Tensor], cell_id: int, reverse: bool,
                   batch_first: bool, save: bool,
                   variant: str, block_b: int, block_h: int, block_u: int, groups: int, w_chunk: int,
-                  num_warps: int, fwd_chunk: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward time loop of D = 1 or 2 directions at once (``variant``, ``fwd_chunk`` and the rest: see
-    ``dispatch.KernelConfig``; ``w_chunk`` is the backward's, passed on to it).
+                  num_warps: int, fwd_chunk: int, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward time loop of D = 1 or 2 directions of ``heads`` heads each at once (``variant``,
+    ``fwd_chunk`` and the rest: see ``dispatch.KernelConfig``; ``w_chunk`` is the backward's, passed on
+    to it). Each (direction, head) is a block k = d*heads + head of a block-diagonal recurrence, an
+    independent recurrence of H units (H: a head's units).
 
-    w_hh: [D*G*H, H] (on a GPU, H a multiple of 16), the directions' W_hh stacked; xp: [T, B, D*G*H]
-    (or [B, T, D*G*H] when batch_first), direction d's projection in columns d*G*H..; b_hn: [D*H];
-    h0, c0: [D, B, H].
+    w_hh: [K*G*H, H] (on a GPU, H a multiple of 16), the blocks' W_hh stacked; xp: [T, B, K*G*H]
+    (or [B, T, K*G*H] when batch_first), block k's projection in columns k*G*H..; b_hn: [K*H];
+    h0: [K, B, H]; c0: [K, B, C*H] (the cell's C states beside h: the LSTM's c; the sLSTM's c, n, m).
     Direction d runs its steps last to first when reverse + d is odd (a bidirectional layer: D = 2,
-    reverse False).
+    reverse False). Heads (more than 1) run in the tile-persistent kernel only.
 
     ``lengths`` (int32 [B], on xp's device, each in 1..T): per-row sequence lengths, as a packed
     sequence has; a row stops at its length (y is zero past it, hn is its last state), and in reverse
     it starts from its own last element.
 
-    Returns y [T, B, D*H] (layout of xp; the directions concatenated, as torch.nn's output), hn
-    [D, B, H], cn [D, B, H] (LSTM; else empty), and, when ``save``, the per-step slots and cell states
-    backward needs (else empty).
+    Returns y [T, B, K*H] (layout of xp; the blocks concatenated, as torch.nn's output), hn
+    [K, B, H], cn [K, B, C*H] (empty without C), and, when ``save``, the per-step slots saved
+    [K, T, B, NUM_SAVED*H] and states cs [K, T, B, C*H] that backward needs (else empty). cs is
+    differentiable: its gradient enters the backward loop as dy does h's.
     """
     cell = _CELL_BY_ID[cell_id]
-    D = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first)
+    D = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first, heads, variant)
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
         xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
@@ -120,14 +128,15 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (D * H,))  # 0 past each length
     y_tm = _time_major(y, batch_first)
     hn = xp.new_empty(D, B, H)
-    cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
+    C = cell.num_c
+    cn = xp.new_empty(D, B, C * H) if C else xp.new_empty(0)
     acc = _acc_torch_dtype(xp.dtype)
     # what backward needs, in the storage dtype: the pre-activations (kernels/cells.py) and c
     saved = xp.new_empty(D, T, B, cell.num_saved * H) if save else xp.new_empty(0)
-    cs = xp.new_empty(D, T, B, H) if save and cell_id == _LSTM else xp.new_empty(0)
+    cs = xp.new_empty(D, T, B, C * H) if save and C else xp.new_empty(0)
     if T == 0 or B == 0:  # no steps: the final state is the initial one
         hn.copy_(h0 if h0 is not None else torch.zeros_like(hn))
-        if cell_id == _LSTM:
+        if C:
             cn.copy_(c0 if c0 is not None else torch.zeros_like(cn))
         return y, hn, cn, saved, cs
     dot_dtype, acc_dtype, precision = _precision(xp.dtype, xp.device)
@@ -139,59 +148,52 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     h0 = h0.contiguous() if has_h0 else None
     c0 = c0.contiguous() if c0 is not None else None
     GH = cell.num_gates * H
-    tile = variant == "tile-persistent"
-    # Both directions in one launch in the tile kernel; the cooperative one takes a launch per direction.
-    together = tile and D == 2
-    if not tile:
-        # The carry: c (LSTM) or the fp32 h (GRU) of each unit, from its initial value.
-        init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
-        carry = init.to(acc, copy=True) if init is not None else xp.new_zeros(D, B, H, dtype=acc)
+    if variant == "tile-persistent":  # every block (direction, head) in one launch
+        persistent_fwd_kernel[(triton_cdiv(B, block_b), D)](
+            xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh, b_hn, hn if h0 is None else h0, hn if c0 is None else c0,
+            y_tm, y_tm.stride(0), y_tm.stride(1), hn, cn, saved, cs, lengths if lengths is not None else hn,
+            T, B, H, int(reverse), heads,
+            BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=D > 1, NUM_C=max(C, 1),
+            **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
+        )
+        runtime.launches["persistent_fwd"] += 1
+        return y, hn, cn, saved, cs
+    # The cooperative kernel: a launch per direction (no heads). The carry: c (LSTM) or the fp32 h
+    # (GRU) of each unit, from its initial value.
+    init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
+    carry = init.to(acc, copy=True) if init is not None else xp.new_zeros(D, B, H, dtype=acc)
     runs = []  # the cooperative kernel's arguments, per direction
-    for d in [None] if together or D == 1 else range(D):
-        # direction d's slices (all directions when d is None)
+    for d in range(D):
+        # direction d's slices
         xp_d, y_d = _columns(xp_tm, d, GH), _columns(y_tm, d, H)
         w_d, b_d = _at(w_hh.view(D, GH, H), d), _at(b_hn.view(D, H), d)
         h0_d, c0_d, hn_d, cn_d, saved_d, cs_d = (_at(t, d) for t in (h0, c0, hn, cn, saved, cs))
-        rev = int(reverse) if d is None else int(_reversed(reverse, d))
-        if tile:
-            persistent_fwd_kernel[(triton_cdiv(B, block_b), D if d is None else 1)](
-                xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d,
-                hn_d if h0_d is None else h0_d, hn_d if c0_d is None else c0_d,
-                y_d, y_d.stride(0), y_d.stride(1),
-                hn_d, cn_d, saved_d, cs_d, lengths if lengths is not None else hn_d,
-                T, B, H, rev,
-                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
-                **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
-            )
-            runtime.launches["persistent_fwd"] += 1
-            continue
+        rev = int(_reversed(reverse, d))
         runs.append(((xp_d, xp_d.stride(0), xp_d.stride(1), w_d, b_d, hn_d if h0_d is None else h0_d,
                       y_d, y_d.stride(0), y_d.stride(1), _at(carry, d), saved_d, cs_d,
                       lengths if lengths is not None else hn_d), (T, B, H, rev)))
-    if not tile:
-        _run_cooperative(cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd", runs,
-                         dict(constexprs, BLOCK_U=block_u, **dispatch.k_tiles(block_h), W_CHUNK=fwd_chunk,
-                              HAS_LENGTHS=lengths is not None), num_warps)
-        for d in range(D):  # each row's last h: at its own last step (past it the carry holds: cn is right)
-            y_d, rev = _columns(y_tm, d, H), _reversed(reverse, d)
-            if rev or lengths is None:
-                hn[d].copy_(y_d[0 if rev else T - 1])
-            else:
-                hn[d].copy_(y_d[lengths.long() - 1, torch.arange(B, device=y.device)])
-        if cell_id == _LSTM:
-            cn.copy_(carry)
+    _run_cooperative(cooperative_fwd_kernel, variant, (triton_cdiv(H, block_u), groups), T, "fwd", runs,
+                     dict(constexprs, BLOCK_U=block_u, **dispatch.k_tiles(block_h), W_CHUNK=fwd_chunk,
+                          HAS_LENGTHS=lengths is not None), num_warps)
+    for d in range(D):  # each row's last h: at its own last step (past it the carry holds: cn is right)
+        y_d, rev = _columns(y_tm, d, H), _reversed(reverse, d)
+        if rev or lengths is None:
+            hn[d].copy_(y_d[0 if rev else T - 1])
+        else:
+            hn[d].copy_(y_d[lengths.long() - 1, torch.arange(B, device=y.device)])
+    if cell_id == _LSTM:
+        cn.copy_(carry)
     return y, hn, cn, saved, cs
 
 
-def _columns(t: Tensor, d: Optional[int], width: int) -> Tensor:
-    """Direction d's columns of ``t`` (a view), or all of it when d is None."""
-    return t if d is None else t[..., d * width:(d + 1) * width]
+def _columns(t: Tensor, d: int, width: int) -> Tensor:
+    """Direction d's columns of ``t`` (a view)."""
+    return t[..., d * width:(d + 1) * width]
 
 
-def _at(t: Optional[Tensor], d: Optional[int]) -> Optional[Tensor]:
-    """Direction d's slice of a [D, ...] tensor (a view), or all of it when d is None; None and empty
-    placeholders as they are."""
-    return t if t is None or d is None or t.numel() == 0 else t[d]
+def _at(t: Optional[Tensor], d: int) -> Optional[Tensor]:
+    """Direction d's slice of a [D, ...] tensor (a view); None and empty placeholders as they are."""
+    return t if t is None or t.numel() == 0 else t[d]
 
 
 def _run_cooperative(kernel, variant, grid, T, direction, runs, constexprs, num_warps):
@@ -282,16 +284,16 @@ def _all_resident(kernel, grid, args, constexprs, num_warps, device) -> bool:
 
 @recurrent_fwd.register_fake
 def _(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, variant, block_b, block_h,
-      block_u, groups, w_chunk, num_warps, fwd_chunk=0):
+      block_u, groups, w_chunk, num_warps, fwd_chunk, heads):
     cell = _CELL_BY_ID[cell_id]
     T, B, _ = _time_major(xp, batch_first).shape
     H = w_hh.shape[1]
-    D = _num_directions(w_hh, cell_id)
-    y = xp.new_empty(xp.shape[:-1] + (D * H,))
-    cn = xp.new_empty(D, B, H) if cell_id == _LSTM else xp.new_empty(0)
-    saved = xp.new_empty(D, T, B, cell.num_saved * H) if save else xp.new_empty(0)
-    cs = xp.new_empty(D, T, B, H) if save and cell_id == _LSTM else xp.new_empty(0)
-    return y, xp.new_empty(D, B, H), cn, saved, cs
+    K, C = _num_blocks(w_hh, cell_id), cell.num_c
+    y = xp.new_empty(xp.shape[:-1] + (K * H,))
+    cn = xp.new_empty(K, B, C * H) if C else xp.new_empty(0)
+    saved = xp.new_empty(K, T, B, cell.num_saved * H) if save else xp.new_empty(0)
+    cs = xp.new_empty(K, T, B, C * H) if save and C else xp.new_empty(0)
+    return y, xp.new_empty(K, B, H), cn, saved, cs
 
 
 @torch.library.custom_op("rnn_triton::recurrent_bwd", mutates_args=())
@@ -299,11 +301,13 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                   h0: Optional[Tensor], c0: Optional[Tensor], lengths: Optional[Tensor], y: Tensor,
                   cell_id: int, reverse: bool,
                   batch_first: bool, variant: str, block_b: int, block_h: int, block_u: int, groups: int,
-                  w_chunk: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward time loop of the forward's directions and variant, then dW_hh as GEMMs over all steps.
+                  w_chunk: int, num_warps: int, heads: int,
+                  dcs: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward time loop of the forward's blocks (directions x heads) and variant, then dW_hh as GEMMs
+    over all steps. ``dcs``: dLoss/d(cs) (the forward's per-step states beside h), or None.
 
-    Returns dxp (layout of y, D*G*H wide), dW_hh [D*G*H, H], db_hn [D*H] (GRU; else empty), dh0
-    [D, B, H], dc0 [D, B, H] (LSTM; else empty).
+    Returns dxp (layout of y, K*G*H wide), dW_hh [K*G*H, H], db_hn [K*H] (GRU; else empty), dh0
+    [K, B, H], dc0 [K, B, C*H] (empty without C).
     """
     cell = _CELL_BY_ID[cell_id]
     if dy.stride(-1) != 1:  # the kernel reads hidden units at unit stride (dy may be an expanded scalar)
@@ -311,7 +315,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     y_tm = _time_major(y, batch_first)
     dy_tm = _time_major(dy, batch_first)
     H = w_hh.shape[1]
-    D = _num_directions(w_hh, cell_id)
+    D = _num_blocks(w_hh, cell_id)  # directions x heads
     T, B, _ = y_tm.shape
     G = cell.num_gates
     new = y.new_empty if lengths is None else y.new_zeros  # zero past each length
@@ -319,7 +323,7 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     dxp_tm = _time_major(dxp, batch_first)
     dqn = new(D, T, B, H) if cell_id == _GRU else y.new_empty(0)
     dh0 = y.new_empty(D, B, H)
-    dc0 = y.new_empty(D, B, H) if cell_id == _LSTM else y.new_empty(0)
+    dc0 = y.new_empty(D, B, cell.num_c * H) if cell.num_c else y.new_empty(0)
     if T > 0 and B > 0:
         dot_dtype, acc_dtype, precision = _precision(y.dtype, y.device)
         has_h0 = h0 is not None
@@ -327,38 +331,36 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                           BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
         GH = G * H
         dhn, w_hh = dhn.contiguous(), w_hh.contiguous()
-        dcn = dcn.contiguous() if cell_id == _LSTM else None
+        dcn = dcn.contiguous() if cell.num_c else None
         h0 = h0.contiguous() if has_h0 else None
         c0 = c0.contiguous() if c0 is not None else None
         tile = variant == "tile-persistent"
-        together = tile and D == 2
-        if not tile:
+        if tile:  # every block (direction, head) in one launch
+            dcs = dcs.contiguous() if dcs is not None else None
+            persistent_bwd_kernel[(triton_cdiv(B, block_b), D)](
+                dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn, dhn if dcn is None else dcn, w_hh, saved, cs,
+                dh0 if h0 is None else h0, dh0 if c0 is None else c0, y_tm, y_tm.stride(0), y_tm.stride(1),
+                dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0, dh0 if dcs is None else dcs,
+                lengths if lengths is not None else dh0, T, B, H, int(reverse), heads,
+                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=D > 1, STATE_GRADS=dcs is not None,
+                NUM_C=max(cell.num_c, 1),
+                **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
+            )
+            runtime.launches["persistent_bwd"] += 1
+        else:
+            torch._check(dcs is None, lambda: "the cooperative kernels take no gradient of the per-step states")
             # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
             acc = _acc_torch_dtype(y.dtype)
             carry = dcn.to(acc, copy=True) if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
             w_t = w_hh.view(D * G, H, H).transpose(1, 2).contiguous().view(D, GH, H)  # W_k^T per gate
         runs = []  # the cooperative kernel's arguments, per direction
-        for d in [None] if together or D == 1 else range(D):
-            # direction d's slices (all directions when d is None)
+        for d in range(D) if not tile else []:
             dy_d, y_d, dxp_d = _columns(dy_tm, d, H), _columns(y_tm, d, H), _columns(dxp_tm, d, GH)
-            dhn_d, dcn_d, h0_d, c0_d, saved_d, cs_d, dqn_d, dh0_d, dc0_d = (
-                _at(t, d) for t in (dhn, dcn, h0, c0, saved, cs, dqn, dh0, dc0))
+            dhn_d, h0_d, c0_d, saved_d, cs_d, dqn_d, dh0_d = (
+                _at(t, d) for t in (dhn, h0, c0, saved, cs, dqn, dh0))
             h0_arg = dh0_d if h0_d is None else h0_d
             c0_arg = dh0_d if c0_d is None else c0_d
-            rev = int(reverse) if d is None else int(_reversed(reverse, d))
-            if tile:
-                persistent_bwd_kernel[(triton_cdiv(B, block_b), D if d is None else 1)](
-                    dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, dhn_d if dcn_d is None else dcn_d,
-                    _at(w_hh.view(D, GH, H), d), saved_d, cs_d, h0_arg, c0_arg,
-                    y_d, y_d.stride(0), y_d.stride(1),
-                    dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, dc0_d,
-                    lengths if lengths is not None else dh0_d,
-                    T, B, H, rev,
-                    BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, DIRECTIONS=D if d is None else 1,
-                    **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
-                )
-                runtime.launches["persistent_bwd"] += 1
-                continue
+            rev = int(_reversed(reverse, d))
             runs.append(((dy_d, dy_d.stride(0), dy_d.stride(1), dhn_d, _at(w_t, d), saved_d, cs_d,
                           h0_arg, c0_arg, y_d, y_d.stride(0), y_d.stride(1),
                           dxp_d, dxp_d.stride(0), dxp_d.stride(1), dqn_d, dh0_d, _at(carry, d),
@@ -371,16 +373,17 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
                 dc0.copy_(carry)
     else:  # no steps: the gradients pass straight through
         dh0.copy_(dhn)
-        if cell_id == _LSTM:
+        if cell.num_c:
             dc0.copy_(dcn)
         dxp.zero_()
         dqn.zero_()
 
+    # block k (direction k // heads) of the block-diagonal W_hh
     dw_hh = torch.cat([
-        _dw_hh(torch.cat([dxp_tm[..., d * G * H:(d * G + 2) * H], dqn[d]], dim=-1) if cell_id == _GRU
-               else dxp_tm[..., d * G * H:(d + 1) * G * H],
-               y_tm[..., d * H:(d + 1) * H], None if h0 is None else h0[d], lengths, _reversed(reverse, d))
-        for d in range(D)])
+        _dw_hh(torch.cat([dxp_tm[..., k * G * H:(k * G + 2) * H], dqn[k]], dim=-1) if cell_id == _GRU
+               else dxp_tm[..., k * G * H:(k + 1) * G * H],
+               y_tm[..., k * H:(k + 1) * H], None if h0 is None else h0[k], lengths, _reversed(reverse, k // heads))
+        for k in range(D)])
     db_hn = dqn.sum(dim=(1, 2), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype).reshape(D * H) \
         if cell_id == _GRU else y.new_empty(0)
     return dxp, dw_hh, db_hn, dh0, dc0
@@ -412,12 +415,12 @@ def _dw_hh(dr: Tensor, y: Tensor, h0: Optional[Tensor], lengths: Optional[Tensor
 
 @recurrent_bwd.register_fake
 def _(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse, batch_first, variant, block_b,
-      block_h, block_u, groups, w_chunk, num_warps):
+      block_h, block_u, groups, w_chunk, num_warps, heads, dcs):
     D, B, H = dhn.shape
-    G = _CELL_BY_ID[cell_id].num_gates
-    dxp = y.new_empty(y.shape[:-1] + (D * G * H,))
+    cell = _CELL_BY_ID[cell_id]
+    dxp = y.new_empty(y.shape[:-1] + (D * cell.num_gates * H,))
     db_hn = y.new_empty(D * H) if cell_id == _GRU else y.new_empty(0)
-    dc0 = y.new_empty(D, B, H) if cell_id == _LSTM else y.new_empty(0)
+    dc0 = y.new_empty(D, B, cell.num_c * H) if cell.num_c else y.new_empty(0)
     return dxp, torch.empty_like(w_hh), db_hn, y.new_empty(D, B, H), dc0
 
 
@@ -425,6 +428,7 @@ def _setup_context(ctx, inputs, output):
     xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, save, *config = inputs
     y, _, _, saved, cs = output
     ctx.num_inputs = len(inputs)
+    ctx.set_materialize_grads(False)  # an output nothing used gets None: cs's says whether to add dcs
     if not save:
         ctx.unsaved = True
         return
@@ -433,10 +437,10 @@ def _setup_context(ctx, inputs, output):
     # xp [T, B, D*G*H] until backward is the memory an exact second order costs (the saved slots hold
     # pre-activations rounded to the storage dtype, from which xp would come back only approximately).
     ctx.save_for_backward(xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs)
-    ctx.args = (cell_id, reverse, batch_first, *config[:7])  # recurrent_bwd's: all but fwd_chunk
+    ctx.args = (cell_id, reverse, batch_first, *config[:7], config[8])  # recurrent_bwd's: all but fwd_chunk
 
 
-def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
+def _backward(ctx, dy, dhn, dcn, _dsaved, dcs):
     """The kernels' backward (``recurrent_bwd``). Under ``create_graph=True`` (grad mode on here) the
     gradients keep the kernels' values and take the autograd graph of torch's recomputation of the
     layer (``reference``), so that they can be differentiated again."""
@@ -444,20 +448,24 @@ def _backward(ctx, dy, dhn, dcn, _dsaved, _dcs):
         raise RuntimeError("rnn_triton: backward through a forward that ran without saving for backward")
     xp, w_hh, b_hn, h0, c0, lengths, y, saved, cs = ctx.saved_tensors
     cell_id, reverse, batch_first = ctx.args[:3]
-    state_shape = (_num_directions(w_hh, cell_id), _time_major(y, batch_first).shape[1], w_hh.shape[1])
+    num_c = _CELL_BY_ID[cell_id].num_c
+    K, B, H = _num_blocks(w_hh, cell_id), _time_major(y, batch_first).shape[1], w_hh.shape[1]
     dy = torch.zeros_like(y) if dy is None else dy
-    dhn = y.new_zeros(state_shape) if dhn is None else dhn
-    dcn = dhn if cell_id != _LSTM else (y.new_zeros(state_shape) if dcn is None else dcn)  # unread
+    dhn = y.new_zeros(K, B, H) if dhn is None else dhn
+    dcn = dhn if not num_c else (y.new_zeros(K, B, num_c * H) if dcn is None else dcn)  # unread without c
     with torch.no_grad():  # the values: the kernels; under create_graph their graph comes from below
         dxp, dw_hh, db_hn, dh0, dc0 = recurrent_bwd(dy, dhn, dcn, w_hh, saved, cs, h0, c0, lengths, y,
-                                                    *ctx.args)
+                                                    *ctx.args, dcs)
     grads = [dxp, dw_hh, db_hn if b_hn is not None else None, dh0 if h0 is not None else None,
              dc0 if c0 is not None else None]
     if torch.is_grad_enabled():
+        torch._check(dcs is None, lambda: "rnn_triton: a create_graph=True backward does not take gradients of the "
+                                          "per-step cell states (FlashRNN's states beyond h at every step)")
         inputs = (xp, w_hh, b_hn, h0, c0)
-        recompute = lambda *xs: reference.recurrence(cell_id, *xs, lengths, reverse, batch_first)  # noqa: E731
+        recompute = lambda *xs: reference.recurrence(cell_id, *xs, lengths, reverse, batch_first,  # noqa: E731
+                                                     ctx.args[-1])
         grads = reference.kernel_values_with_graph(grads, recompute, inputs,
-                                                   (dy, dhn, dcn if cell_id == _LSTM else None))
+                                                   (dy, dhn, dcn if num_c else None))
     return tuple(grads) + (None,) * (ctx.num_inputs - len(grads))
 
 
@@ -552,7 +560,7 @@ def recurrent_directions(cell: str, x: Tensor, weights, h0: Optional[Tensor], c0
         w_hh = padded_units(padded_units(w_hh, H, Hp, 0), H, Hp, 1)
     y, hn, cn, _, _ = recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, spec.kernel_id, reverse, batch_first,
                                     save, config.variant, config.block_b, config.block_h, config.block_u,
-                                    config.groups, config.w_chunk, config.num_warps, config.fwd_chunk)
+                                    config.groups, config.w_chunk, config.num_warps, config.fwd_chunk, 1)
     if Hp != H:
         y = y.unflatten(-1, (D, Hp))[..., :H].flatten(-2)
         hn, cn = hn[..., :H].contiguous(), cn[..., :H].contiguous() if cn.numel() else cn

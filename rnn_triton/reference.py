@@ -19,20 +19,34 @@ from torch import Tensor
 from .dispatch import CELLS
 
 _GATES = {cell.kernel_id: cell.num_gates for cell in CELLS.values()}
-LSTM, GRU, RNN_TANH = (CELLS[name].kernel_id for name in ("LSTM", "GRU", "RNN_TANH"))
+_NUM_C = {cell.kernel_id: cell.num_c for cell in CELLS.values()}
+LSTM, GRU, RNN_TANH, SLSTM = (CELLS[name].kernel_id for name in ("LSTM", "GRU", "RNN_TANH", "SLSTM"))
 
 
 def step(cell_id: int, xp: Tensor, hp: Tensor, h: Tensor, c: Optional[Tensor]):
     """One step of a cell, torch.nn's equations, from the input projection xp = W_ih x + b_ih and the
     recurrent projection hp = W_hh h + b_hh (both [B, G*H], gates in torch.nn's order) and the state
-    h, c (c: LSTM only). Returns (h', c'), c' None but for the LSTM.
+    h, c (c: LSTM only; the sLSTM's c, n, m side by side, [B, 3H]). Returns (h', c'), c' None but for
+    the LSTM and sLSTM.
 
     - LSTM: i, f, g, o = σ(a_i), σ(a_f), tanh(a_g), σ(a_o) with a = xp + hp; c' = f c + i g,
       h' = o tanh(c').
     - GRU: r = σ(xp_r + hp_r), z = σ(xp_z + hp_z), n = tanh(xp_n + r hp_n), h' = (1 - z) n + z h
       (b_hn is in hp_n: r multiplies it).
     - RNN: h' = tanh(xp + hp) or relu(xp + hp).
+    - sLSTM (FlashRNN's equations; kernels/cells.py ``slstm_forward``): a = xp + hp (gates i, f, z, o),
+      lfm = m + log σ(a_f), m' = a_i where n = 0 else max(a_i, lfm), i = exp(a_i - m'),
+      f = exp(lfm - m'), c' = f c + i tanh(a_z), n' = max(f n + i, 1), h' = σ(a_o) c' / n'.
     """
+    if cell_id == SLSTM:
+        a_i, a_f, a_z, a_o = (xp + hp).chunk(4, dim=-1)
+        c, n, m = c.chunk(3, dim=-1)
+        lfm = m + torch.nn.functional.logsigmoid(a_f)
+        m_new = torch.where(n == 0, a_i, torch.maximum(a_i, lfm))
+        i, f = torch.exp(a_i - m_new), torch.exp(lfm - m_new)
+        c_new = f * c + i * torch.tanh(a_z)
+        n_new = torch.maximum(f * n + i, torch.ones_like(n))
+        return torch.sigmoid(a_o) * c_new / n_new, torch.cat([c_new, n_new, m_new], dim=-1)
     if cell_id == LSTM:
         i, f, g, o = (xp + hp).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -49,26 +63,30 @@ def step(cell_id: int, xp: Tensor, hp: Tensor, h: Tensor, c: Optional[Tensor]):
 
 
 def recurrence(cell_id: int, xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional[Tensor],
-               c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, batch_first: bool):
-    """What ``ops.recurrent_fwd`` computes (same arguments and conventions: D = 1 or 2 directions
-    stacked in w_hh [D*G*H, H], xp [T, B, D*G*H] or batch first, b_hn [D*H], h0, c0 [D, B, H], per-row
-    ``lengths``; direction d runs last step first when reverse + d is odd), as a Python loop over the
-    steps of ``step``. Returns (y, hn, cn), cn None but for the LSTM."""
+               c0: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, batch_first: bool,
+               heads: int = 1, states: bool = False):
+    """What ``ops.recurrent_fwd`` computes (same arguments and conventions: K = D x heads blocks
+    stacked in w_hh [K*G*H, H], xp [T, B, K*G*H] or batch first, b_hn [K*H], h0 [K, B, H], c0
+    [K, B, C*H], per-row ``lengths``; block k's direction k // heads runs last step first when
+    reverse + k // heads is odd), as a Python loop over the steps of ``step``. Returns (y, hn, cn), cn
+    None but for the LSTM and sLSTM, and with ``states`` also cs [K, T, B, C*H], the states beside h
+    after every step (recurrent_fwd's cs)."""
     H = w_hh.shape[1]
     GH = _GATES[cell_id] * H
     D = w_hh.shape[0] // GH
+    C = _NUM_C[cell_id]
     xp_tm = xp.transpose(0, 1) if batch_first else xp
     T, B, _ = xp_tm.shape
-    ys, hns, cns = [], [], []
-    for d in range(D):
+    ys, hns, cns, css = [], [], [], []
+    for d in range(D):  # the blocks
         w = w_hh[d * GH:(d + 1) * GH]
         bias = None  # GRU: b_hn, inside r * (W_hn h + b_hn)
         if b_hn is not None:
             bias = torch.cat([b_hn.new_zeros(2 * H), b_hn[d * H:(d + 1) * H]])
         h = h0[d] if h0 is not None else xp.new_zeros(B, H)
-        c = (c0[d] if c0 is not None else xp.new_zeros(B, H)) if cell_id == LSTM else None
-        backwards = (int(reverse) + d) % 2 == 1
-        y = [None] * T
+        c = (c0[d] if c0 is not None else xp.new_zeros(B, C * H)) if C else None
+        backwards = (int(reverse) + d // heads) % 2 == 1
+        y, cs = [None] * T, [None] * T
         for t in (range(T - 1, -1, -1) if backwards else range(T)):
             hp = torch.nn.functional.linear(h, w, bias)
             h_new, c_new = step(cell_id, xp_tm[t, :, d * GH:(d + 1) * GH], hp, h, c)
@@ -79,12 +97,15 @@ def recurrence(cell_id: int, xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h
                 h = torch.where(live, h_new, h)
                 c = torch.where(live, c_new, c) if c is not None else None
                 y[t] = torch.where(live, h_new, torch.zeros_like(h_new))
+            cs[t] = c
         ys.append(torch.stack(y) if T else xp_tm.new_zeros(0, B, H))
         hns.append(h)
         cns.append(c)
+        if states and C:
+            css.append(torch.stack(cs) if T else xp_tm.new_zeros(0, B, C * H))
     y = torch.cat(ys, dim=-1)
-    return (y.transpose(0, 1) if batch_first else y), torch.stack(hns), \
-        (torch.stack(cns) if cell_id == LSTM else None)
+    out = (y.transpose(0, 1) if batch_first else y), torch.stack(hns), (torch.stack(cns) if C else None)
+    return out + ((torch.stack(css) if C else None),) if states else out
 
 
 class _KernelValues(torch.autograd.Function):
