@@ -4,7 +4,7 @@
 #      the cooperative kernels included (20 runs bitwise identical: tests/test_cooperative.py),
 #   3. LSTM, GRU, RNN vs torch.nn (cuDNN): bench/run.py's default preset (B 1/16/64, H 128-1024 and the
 #      RNN at 2048, T 1024, bf16: the tile-persistent and cooperative kernels; a time-vs-T series; every
-#      provider once), at 50 ms per measurement.
+#      provider once), at 50 ms per measurement; 4. heads: bench/heads.py (H = 768 as 12 x 64, 6 x 128).
 # It writes under $OUT (default ./out) env.txt, compile.txt, tests.log, bench.log, REPORT.md, results.jsonl
 # and bench_report.tgz (the report with its plots): commit them under reports/<gpu>/.
 # Nothing is installed: the package is imported from this checkout.
@@ -51,6 +51,15 @@ else
   timeout 300 python bench/run.py --preset default --budget-ms 50 --out "$bench" > "$OUT/bench.log" 2>&1
 fi
 echo "bench: exit $?"
+# Heads (FlashRNN's layout): ours, FlashRNN's Triton backend where installed (its CUDA ones compile an
+# extension per size: minutes), and cuDNN's dense layer of the same total H. Its log joins bench.log.
+if [ "$TRITON_INTERPRET" = 1 ]; then
+  timeout 120 python bench/heads.py --preset tiny --out "$bench/heads" >> "$OUT/bench.log" 2>&1
+else
+  timeout 90 python bench/heads.py --providers rnn_triton flashrnn-triton_fused cudnn-dense --budget-ms 30 \
+    --out "$bench/heads" >> "$OUT/bench.log" 2>&1
+fi
+echo "heads bench: exit $?"
 # At most 8 files come back from a device run: the report, the results, and the plots in one archive.
 cp "$bench/REPORT.md" "$bench/results.jsonl" "$OUT/" 2>/dev/null
 tar czf "$OUT/bench_report.tgz" -C "$bench" .

@@ -56,9 +56,9 @@ from .tiles import load_gate_tiles, load_slot_tile, row_offsets, row_steps, slot
 
 
 #: Integer arguments Triton does not specialise at launch (by default it compiles a build of its own for
-#: a value of 1 and for multiples of 16): one build serves every batch size, length, direction and
-#: head count, and it is the build the compile check compiles.
-_SIZES = ["T", "B", "reverse", "heads"]
+#: a value of 1 and for multiples of 16): one build serves every length, direction and head count, and
+#: it is the build the compile check compiles. (B stays specialised: B divisible by 16 saves registers.)
+_SIZES = ["T", "reverse", "heads"]
 
 
 @triton.jit(do_not_specialize=_SIZES)

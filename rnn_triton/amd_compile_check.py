@@ -221,7 +221,7 @@ def dispatcher_configs(arch: str, probe: bool = False):
         sizes = list(table) + ([2 * max(table)] if probe else [])
         for block_h in sizes:
             for kernel in tile_kernels(cell):
-                for precision in fp32_precisions(arch) if dtype == torch.float32 else ("ieee",):
+                for precision in fp32_precisions(arch, cell) if dtype == torch.float32 else ("ieee",):
                     configs.append((kernel, cell, dtype, block_h, BLOCK_B, table[min(block_h, max(table))],
                                     precision, 0, 0))
     for (cell, dtype), table in AMD_COOP_CONFIGS[arch].items():

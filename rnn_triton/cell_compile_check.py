@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compile_check import (_PTR, BUILDS_FILE, SM90_SHARED_LIMIT, add_cache_arguments, finish_cache, measure,
+from .compile_check import (_PTR, BUILDS_FILE, SM90_REGISTERS_PER_BLOCK, SM90_SHARED_LIMIT, add_cache_arguments, finish_cache, measure,
                             refuse_interpreter, run, write_table)
 _UNALIGNABLE = ("n_dx_blocks",)  # a count, never assumed divisible by 16
 #: This check's committed build results (see compile_check).
@@ -48,7 +48,8 @@ class StepResult:
 
     @property
     def ok(self) -> bool:
-        return not self.error and not self.spill_bytes and self.shared_bytes <= SM90_SHARED_LIMIT
+        return not self.error and not self.spill_bytes and self.shared_bytes <= SM90_SHARED_LIMIT and \
+            self.registers * 32 * self.num_warps <= SM90_REGISTERS_PER_BLOCK
 
     @property
     def block_h(self) -> int:  # the field compile_check.write_builds records

@@ -8,8 +8,9 @@
 For each configuration: registers, spills (cuobjdump's STACK/LOCAL bytes), dynamic shared memory,
 whether tensor-core instructions (mma/wgmma) are in the PTX, the MMA layouts of its TTGIR, and the
 SASS analysis of its loops (``sass.analyze``: per-iteration instructions, bytes, round trips; the
-static cost model, ``static_cost``, reads it). A configuration passes when it does not spill and its
-shared memory fits in an SM (227 KB); a cooperative one also when its registers and shared memory are
+static cost model, ``static_cost``, reads it). A configuration passes when it does not spill, its
+shared memory fits in an SM (227 KB) and its registers in one block's share of the register file (64 K:
+a build past it launches with an error); a cooperative one also when its registers and shared memory are
 within what ``dispatch.COOP_CONFIGS`` declares (the capacity model counts resident programs from
 those). Exit status 1 if any dispatcher configuration fails.
 
@@ -38,6 +39,9 @@ from pathlib import Path
 import torch
 
 SM90_SHARED_LIMIT = 227 * 1024
+#: Registers one block may hold on sm_90 (the SM's whole file): 16 warps get at most 128 per thread.
+#: ptxas does not enforce it under ``maxnreg``: a build past it compiles and then fails to launch.
+SM90_REGISTERS_PER_BLOCK = 64 * 1024
 _ROOT = Path(__file__).resolve().parents[1]
 #: Results of the last full run, one JSON object per line, keyed by build key (committed).
 BUILDS_FILE = _ROOT / "reports" / "static" / "sm90_builds.jsonl"
@@ -71,7 +75,8 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        if self.error or self.spill_bytes or self.shared_bytes > SM90_SHARED_LIMIT:
+        if self.error or self.spill_bytes or self.shared_bytes > SM90_SHARED_LIMIT or \
+                self.registers * 32 * self.num_warps > SM90_REGISTERS_PER_BLOCK:
             return False
         if self.kernel.startswith("coop"):  # within what the capacity model assumes
             from .dispatch import coop_config
@@ -328,11 +333,11 @@ def dispatcher_configs(probe: bool = False):
     builds with lengths that ``dispatch.PACKED_COOPERATIVE`` excludes, to show that they spill.
 
     With ``probe``, also what lies just past each limit (expected to fail)."""
-    from .dispatch import BLOCK_B, BLOCK_U, COOP_CONFIGS, TILE_CONFIGS, tile_warps
+    from .dispatch import BLOCK_B, BLOCK_U, COOP_CONFIGS, TILE_CONFIGS, fp32_precisions, tile_warps
     configs = []
     for (cell, dtype), table in TILE_CONFIGS.items():
         sizes = list(table) + ([2 * max(table)] if probe else [])
-        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        precisions = fp32_precisions("sm_90", cell) if dtype == torch.float32 else ("ieee",)
         for block_h in sizes:
             for kernel in tile_kernels(cell):
                 for precision in precisions:

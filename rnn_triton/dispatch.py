@@ -51,15 +51,18 @@ CELLS = {
 #: num_warps: no more warps than the tensor-core dots split without repeating (a warp's mma.sync is
 #: 16 units x 8 rows; with more warps than that each repeats the whole product and the cell math:
 #: MMA efficiency 0.25 at BLOCK_H 16-32 on 4-8 warps), then the fastest by the static model
-#: (``static_cost``, forward + backward): 1 warp at 16, 2 at 32, 4 at 64 for the LSTM and GRU.
+#: (``static_cost``, forward + backward): 1 warp at 16, 2 at 32, 4 at 64 for the LSTM and GRU (the
+#: float32 LSTM at 64 takes 8, repeating part of the dots' work: on 4 its backward with per-step state
+#: gradients, ``flashrnn``'s, spills).
 _LSTM_HALF = {16: 1, 32: 2, 64: 4, 128: 8}
 _GRU_HALF = {16: 1, 32: 2, 64: 4, 128: 8}
 _RNN_HALF = {16: 2, 32: 4, 64: 4, 128: 8, 256: 8}
 _RNN_FP32 = {16: 2, 32: 4, 64: 8}
+_SLSTM_HALF = {32: 4, 64: 8}
 TILE_CONFIGS = {
     ("LSTM", torch.float16): _LSTM_HALF,
     ("LSTM", torch.bfloat16): _LSTM_HALF,
-    ("LSTM", torch.float32): {16: 1, 32: 2, 64: 4},
+    ("LSTM", torch.float32): {16: 1, 32: 2, 64: 8},
     ("GRU", torch.float16): _GRU_HALF,
     ("GRU", torch.bfloat16): _GRU_HALF,
     ("GRU", torch.float32): {16: 1, 32: 2, 64: 4},
@@ -69,18 +72,23 @@ TILE_CONFIGS = {
     ("RNN_RELU", torch.float16): _RNN_HALF,
     ("RNN_RELU", torch.bfloat16): _RNN_HALF,
     ("RNN_RELU", torch.float32): _RNN_FP32,
-    ("SLSTM", torch.float16): _LSTM_HALF,
-    ("SLSTM", torch.bfloat16): _LSTM_HALF,
-    ("SLSTM", torch.float32): {16: 1, 32: 2, 64: 4},
+    # the sLSTM's backward holds four states: twice the LSTM's warps, which repeat part of the
+    # tensor-core work (static_cost.MMA_FLOOR_EXCEPTIONS) where fewer spill, and no 16 (a head of 16 or
+    # fewer units runs at 32); float32 in IEEE fp32 only (``dot_precision``). Its
+    # 128 (half) and 64 (float32) tiles need 16 warps of over 128 registers: more than a block's file.
+    ("SLSTM", torch.float16): _SLSTM_HALF,
+    ("SLSTM", torch.bfloat16): _SLSTM_HALF,
+    ("SLSTM", torch.float32): {16: 4, 32: 8},
 }
 
 #: float32 with allow_tf32 off (IEEE fp32: the dots run on FFMA, which more warps share without
 #: repeating): {(cell, BLOCK_H): num_warps} where it differs from ``TILE_CONFIGS``, by the static model
 #: (fewer warps there spill at 64, or lengthen each warp's serial FFMA chain at 16-32). The LSTM's
-#: 32 and 64 take 8 and 16: their builds with lengths on fewer warps abort LLVM's SLP vectorizer
-#: (Triton 3.9; the compile check reports such a build as an error).
-TILE_IEEE_WARPS = {("LSTM", 16): 4, ("LSTM", 32): 8, ("LSTM", 64): 16,
-                   ("SLSTM", 16): 4, ("SLSTM", 32): 8, ("SLSTM", 64): 16,
+#: 32 takes 8: its builds with lengths on fewer warps abort LLVM's SLP vectorizer (Triton 3.9; the
+#: compile check reports such a build as an error). Its 64 takes 8 too: on 16 it held over 128
+#: registers a thread, more than a block's register file (it could not launch), and on 8 its builds with
+#: lengths abort, so packed input there runs cooperative (``PACKED_COOPERATIVE``).
+TILE_IEEE_WARPS = {("LSTM", 16): 4, ("LSTM", 32): 8, ("LSTM", 64): 8,
                    ("GRU", 16): 4, ("GRU", 32): 4, ("GRU", 64): 8,
                    ("RNN_TANH", 16): 4, ("RNN_RELU", 16): 4}
 
@@ -94,8 +102,9 @@ def tile_warps(cell: str, dtype: torch.dtype, block_h: int, precision: str, arch
 
 
 #: Tile configurations whose build with per-row lengths (PackedSequence input, kernels "*_packed")
-#: spills: there a packed input runs the cooperative kernel (compile check; the float32 LSTM's
-#: backward at 64 by 8 bytes in TF32 on its 4 warps, its forward in IEEE fp32 on 16).
+#: does not compile to a working kernel: there a packed input runs the cooperative kernel (compile
+#: check; the float32 LSTM at 64: in IEEE fp32 on its 8 warps the backward's compile aborts LLVM's SLP
+#: vectorizer; in TF32 it fits on 8, but the table is per cell, dtype and size).
 PACKED_COOPERATIVE = {("LSTM", torch.float32, 64)}
 
 
@@ -210,7 +219,7 @@ _AMD_TILE = {
     ("RNN_TANH", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
     ("RNN_RELU", torch.float16): _AMD_RNN_TILE, ("RNN_RELU", torch.bfloat16): _AMD_RNN_TILE,
     ("RNN_RELU", torch.float32): {16: 1, 32: 2, 64: 2, 128: 4},
-    ("SLSTM", torch.float16): _AMD_LSTM_GRU_TILE, ("SLSTM", torch.bfloat16): _AMD_LSTM_GRU_TILE,
+    ("SLSTM", torch.float16): {32: 2, 64: 4, 128: 8}, ("SLSTM", torch.bfloat16): {32: 2, 64: 4, 128: 8},
     ("SLSTM", torch.float32): {16: 1, 32: 2, 64: 4},
 }
 _AMD_LSTM_COOP = {256: _C(8, 141, 32 * _K), 512: _C(8, 159, 64 * _K), 768: _C(8, 183, 64 * _K),
@@ -249,11 +258,12 @@ AMD_TILE_CONFIGS = {"gfx942": _AMD_TILE, "gfx90a": _AMD_TILE}
 AMD_COOP_CONFIGS = {"gfx942": _AMD_COOP, "gfx90a": _AMD_COOP}
 
 
-def fp32_precisions(arch: str) -> tuple:
+def fp32_precisions(arch: str, cell: str = "") -> tuple:
     """The float32 dot precisions ``arch`` has builds for: IEEE fp32 always, TF32 where the hardware
     has it (sm_90's tf32 mma, gfx942's xf32 MFMA; gfx90a has none: its float32 runs IEEE whatever
-    ``allow_tf32`` says)."""
-    return ("ieee",) if arch == "gfx90a" else ("ieee", "tf32")
+    ``allow_tf32`` says) and the cell fits in it (the sLSTM does not: its TF32 backward spills on as
+    many warps as the dots split without repeating)."""
+    return ("ieee",) if arch == "gfx90a" or cell == "SLSTM" else ("ieee", "tf32")
 
 
 def coop_config(cell: str, dtype: torch.dtype, block_k: int, precision: str = "tf32",
@@ -403,11 +413,12 @@ def device_arch(device: torch.device, props: Optional[DeviceProps] = None) -> st
     return device_props(device).arch
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device, arch: str) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device, arch: str, cell: str = "") -> str:
     """The float32 dots' precision a call runs (ops._precision): TF32 where ``allow_tf32`` is set
-    (cuDNN's rule) and ``arch`` has it, else IEEE fp32; "tf32" names the tables' entry otherwise."""
+    (cuDNN's rule) and ``arch`` has it, else IEEE fp32; "tf32" names the tables' entry otherwise. The
+    sLSTM's float32 runs IEEE fp32 always (its TF32 tile builds spill: ``fp32_precisions``)."""
     if dtype == torch.float32 and device.type == "cuda" and not (
-            torch.backends.cudnn.allow_tf32 and "tf32" in fp32_precisions(arch)):
+            torch.backends.cudnn.allow_tf32 and "tf32" in fp32_precisions(arch, cell)):
         return "ieee"
     return "tf32"
 
@@ -437,9 +448,11 @@ def choose(cell: str, hidden_size: int, dtype: torch.dtype, device: torch.device
                           f"{', '.join(AMD_TILE_CONFIGS)})")
     # float64 runs only in the interpreter; it takes float32's sizes, as the GPU would.
     key = (cell, torch.float32 if dtype == torch.float64 else dtype)
-    block_h = block_h_for(hidden_size)
     tile_table, coop_table = tables(arch)
-    precision = dot_precision(dtype, device, arch)
+    # the smallest tile at or above H's power of two (a table may start above 16)
+    tiles_above = sorted(b for b in tile_table.get(key, {}) if b >= block_h_for(hidden_size))
+    block_h = tiles_above[0] if tiles_above else block_h_for(hidden_size)
+    precision = dot_precision(dtype, device, arch, cell)
     if block_h in tile_table.get(key, {}) and not (packed and (cell, key[1], block_h) in PACKED_COOPERATIVE):
         return Plan(KernelConfig("tile-persistent", BLOCK_B, block_h,
                                  tile_warps(cell, key[1], block_h, precision, arch)))

@@ -38,15 +38,16 @@ BARRIER_MAX_SPINS = 1 << 24
 _OPTIONS = {} if torch.version.hip else {"maxnreg": dispatch.MAXNREG}
 
 
-def _precision(dtype: torch.dtype, device: torch.device):
-    """(dot operand dtype, accumulation dtype, fp32 dot precision) for a storage dtype."""
+def _precision(dtype: torch.dtype, device: torch.device, cell: str = ""):
+    """(dot operand dtype, accumulation dtype, fp32 dot precision) for a storage dtype (and cell:
+    ``dispatch.dot_precision``)."""
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee"
     if dtype == torch.float32:
         # torch.nn's RNNs run on cuDNN, which uses TF32 for float32 exactly when cudnn.allow_tf32 is set
         # (and the GPU has TF32: gfx90a has not).
         arch = dispatch.device_arch(device)
-        tf32 = device.type == "cuda" and dispatch.dot_precision(dtype, device, arch) == "tf32"
+        tf32 = device.type == "cuda" and dispatch.dot_precision(dtype, device, arch, cell) == "tf32"
         return tl.float32, tl.float32, "tf32" if tf32 else "ieee"
     if dtype == torch.bfloat16 and runtime.interpreting():
         return tl.float32, tl.float32, "ieee"  # the interpreter's bf16 arithmetic is wrong: use fp32
@@ -119,47 +120,48 @@ def recurrent_fwd(xp: Tensor, w_hh: Tensor, b_hn: Optional[Tensor], h0: Optional
     differentiable: its gradient enters the backward loop as dy does h's.
     """
     cell = _CELL_BY_ID[cell_id]
-    D = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first, heads, variant)
+    K = _check_fwd_args(xp, w_hh, b_hn, h0, c0, cell, batch_first, heads, variant)  # the blocks
     if xp.stride(-1) != 1:  # the kernel reads gate units at unit stride
         xp = xp.contiguous()
     xp_tm = _time_major(xp, batch_first)
     T, B, _ = xp_tm.shape
     H = w_hh.shape[1]
-    y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (D * H,))  # 0 past each length
+    y = (xp.new_empty if lengths is None else xp.new_zeros)(xp.shape[:-1] + (K * H,))  # 0 past each length
     y_tm = _time_major(y, batch_first)
-    hn = xp.new_empty(D, B, H)
+    hn = xp.new_empty(K, B, H)
     C = cell.num_c
-    cn = xp.new_empty(D, B, C * H) if C else xp.new_empty(0)
+    cn = xp.new_empty(K, B, C * H) if C else xp.new_empty(0)
     acc = _acc_torch_dtype(xp.dtype)
     # what backward needs, in the storage dtype: the pre-activations (kernels/cells.py) and c
-    saved = xp.new_empty(D, T, B, cell.num_saved * H) if save else xp.new_empty(0)
-    cs = xp.new_empty(D, T, B, C * H) if save and C else xp.new_empty(0)
+    saved = xp.new_empty(K, T, B, cell.num_saved * H) if save else xp.new_empty(0)
+    cs = xp.new_empty(K, T, B, C * H) if save and C else xp.new_empty(0)
     if T == 0 or B == 0:  # no steps: the final state is the initial one
         hn.copy_(h0 if h0 is not None else torch.zeros_like(hn))
         if C:
             cn.copy_(c0 if c0 is not None else torch.zeros_like(cn))
         return y, hn, cn, saved, cs
-    dot_dtype, acc_dtype, precision = _precision(xp.dtype, xp.device)
+    dot_dtype, acc_dtype, precision = _precision(xp.dtype, xp.device, cell.name)
     has_h0 = h0 is not None
     constexprs = dict(CELL=cell_id, NUM_GATES=cell.num_gates, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
                       SAVE=save, BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
     w_hh = w_hh.contiguous()
-    b_hn = b_hn.contiguous() if b_hn is not None else xp.new_zeros(D * H)
+    b_hn = b_hn.contiguous() if b_hn is not None else xp.new_zeros(K * H)
     h0 = h0.contiguous() if has_h0 else None
     c0 = c0.contiguous() if c0 is not None else None
     GH = cell.num_gates * H
     if variant == "tile-persistent":  # every block (direction, head) in one launch
-        persistent_fwd_kernel[(triton_cdiv(B, block_b), D)](
+        persistent_fwd_kernel[(triton_cdiv(B, block_b), K)](
             xp_tm, xp_tm.stride(0), xp_tm.stride(1), w_hh, b_hn, hn if h0 is None else h0, hn if c0 is None else c0,
             y_tm, y_tm.stride(0), y_tm.stride(1), hn, cn, saved, cs, lengths if lengths is not None else hn,
             T, B, H, int(reverse), heads,
-            BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=D > 1, NUM_C=max(C, 1),
+            BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=K > 1, NUM_C=max(C, 1),
             **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
         )
         runtime.launches["persistent_fwd"] += 1
         return y, hn, cn, saved, cs
-    # The cooperative kernel: a launch per direction (no heads). The carry: c (LSTM) or the fp32 h
-    # (GRU) of each unit, from its initial value.
+    # The cooperative kernel: a launch per direction (no heads: K = D). The carry: c (LSTM) or the fp32
+    # h (GRU) of each unit, from its initial value.
+    D = K
     init = c0 if cell_id == _LSTM else (h0 if cell_id == _GRU else None)
     carry = init.to(acc, copy=True) if init is not None else xp.new_zeros(D, B, H, dtype=acc)
     runs = []  # the cooperative kernel's arguments, per direction
@@ -310,22 +312,26 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
     [K, B, H], dc0 [K, B, C*H] (empty without C).
     """
     cell = _CELL_BY_ID[cell_id]
+    if dcs is not None and (dcs.numel() == 0 or not cell.num_c):  # no states beside h: nothing to add
+        dcs = None
+    torch._check(dcs is None or dcs.shape == cs.shape,
+                 lambda: f"dcs must have cs's shape {tuple(cs.shape)}: save the forward for its backward")
     if dy.stride(-1) != 1:  # the kernel reads hidden units at unit stride (dy may be an expanded scalar)
         dy = dy.contiguous()
     y_tm = _time_major(y, batch_first)
     dy_tm = _time_major(dy, batch_first)
     H = w_hh.shape[1]
-    D = _num_blocks(w_hh, cell_id)  # directions x heads
+    K = _num_blocks(w_hh, cell_id)  # the blocks: directions x heads
     T, B, _ = y_tm.shape
     G = cell.num_gates
     new = y.new_empty if lengths is None else y.new_zeros  # zero past each length
-    dxp = new(y.shape[:-1] + (D * G * H,))
+    dxp = new(y.shape[:-1] + (K * G * H,))
     dxp_tm = _time_major(dxp, batch_first)
-    dqn = new(D, T, B, H) if cell_id == _GRU else y.new_empty(0)
-    dh0 = y.new_empty(D, B, H)
-    dc0 = y.new_empty(D, B, cell.num_c * H) if cell.num_c else y.new_empty(0)
+    dqn = new(K, T, B, H) if cell_id == _GRU else y.new_empty(0)
+    dh0 = y.new_empty(K, B, H)
+    dc0 = y.new_empty(K, B, cell.num_c * H) if cell.num_c else y.new_empty(0)
     if T > 0 and B > 0:
-        dot_dtype, acc_dtype, precision = _precision(y.dtype, y.device)
+        dot_dtype, acc_dtype, precision = _precision(y.dtype, y.device, cell.name)
         has_h0 = h0 is not None
         constexprs = dict(CELL=cell_id, NUM_GATES=G, NUM_SAVED=cell.num_saved, HAS_H0=has_h0,
                           BLOCK_B=block_b, DOT_DTYPE=dot_dtype, ACC=acc_dtype, PRECISION=precision)
@@ -337,18 +343,19 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         tile = variant == "tile-persistent"
         if tile:  # every block (direction, head) in one launch
             dcs = dcs.contiguous() if dcs is not None else None
-            persistent_bwd_kernel[(triton_cdiv(B, block_b), D)](
+            persistent_bwd_kernel[(triton_cdiv(B, block_b), K)](
                 dy_tm, dy_tm.stride(0), dy_tm.stride(1), dhn, dhn if dcn is None else dcn, w_hh, saved, cs,
                 dh0 if h0 is None else h0, dh0 if c0 is None else c0, y_tm, y_tm.stride(0), y_tm.stride(1),
                 dxp_tm, dxp_tm.stride(0), dxp_tm.stride(1), dqn, dh0, dc0, dh0 if dcs is None else dcs,
                 lengths if lengths is not None else dh0, T, B, H, int(reverse), heads,
-                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=D > 1, STATE_GRADS=dcs is not None,
+                BLOCK_H=block_h, HAS_LENGTHS=lengths is not None, GROUPED=K > 1, STATE_GRADS=dcs is not None,
                 NUM_C=max(cell.num_c, 1),
                 **constexprs, num_warps=num_warps, num_stages=1, **_OPTIONS,
             )
             runtime.launches["persistent_bwd"] += 1
         else:
             torch._check(dcs is None, lambda: "the cooperative kernels take no gradient of the per-step states")
+            D = K  # directions (no heads in the cooperative kernels)
             # The carry: dc (LSTM, from dLoss/dcn) or the direct part z*dh of dLoss/dh (GRU, from 0).
             acc = _acc_torch_dtype(y.dtype)
             carry = dcn.to(acc, copy=True) if cell_id == _LSTM else y.new_zeros(D, B, H, dtype=acc)
@@ -383,8 +390,8 @@ def recurrent_bwd(dy: Tensor, dhn: Tensor, dcn: Tensor, w_hh: Tensor, saved: Ten
         _dw_hh(torch.cat([dxp_tm[..., k * G * H:(k * G + 2) * H], dqn[k]], dim=-1) if cell_id == _GRU
                else dxp_tm[..., k * G * H:(k + 1) * G * H],
                y_tm[..., k * H:(k + 1) * H], None if h0 is None else h0[k], lengths, _reversed(reverse, k // heads))
-        for k in range(D)])
-    db_hn = dqn.sum(dim=(1, 2), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype).reshape(D * H) \
+        for k in range(K)])
+    db_hn = dqn.sum(dim=(1, 2), dtype=_acc_torch_dtype(y.dtype)).to(y.dtype).reshape(K * H) \
         if cell_id == _GRU else y.new_empty(0)
     return dxp, dw_hh, db_hn, dh0, dc0
 

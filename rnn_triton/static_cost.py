@@ -46,6 +46,11 @@ LABEL = "estimate from compiled code, not a measurement"
 #: a tenth of the step's product. (IEEE float32 builds dot on FFMA; their efficiency, FFMAs against the
 #: product, is held to its baseline only.)
 MMA_FLOOR = 0.9
+#: Tile configurations below the floor by choice, (cell, dtype, precision, BLOCK_H): their warps repeat
+#: part of the tensor-core work because on fewer their backward spills (the sLSTM's holds four states;
+#: the float32 LSTM's with per-step state gradients, ``flashrnn``'s, spilled 8 bytes on 4 warps).
+MMA_FLOOR_EXCEPTIONS = {("SLSTM", dtype, "ieee", block_h) for dtype in ("float16", "bfloat16") for block_h in (32, 64)} \
+    | {("LSTM", "float32", "tf32", 64)}
 
 # --- Machine constants (Hopper SM, as on the H100 SXM and H200), each with its source. -----------------
 #: [R1] "CUDA Performance Study - NVIDIA H100 SXM5" micro-benchmarks (a public benchmark README), run
@@ -275,12 +280,17 @@ def _result_for(results, kernel, cell, dtype, precision, block_h, num_warps, w_c
     return None
 
 
-def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispatch.H200, I: int = None) -> dict:
+def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispatch.H200, I: int = None,
+             heads: int = 1) -> dict:
     """The per-step estimate (µs, lo..hi) of one layer, forward and forward+backward, on ``props``
-    (the dispatcher's plan for it), with its breakdown; or the reason no kernel serves it."""
+    (the dispatcher's plan for it), with its breakdown; or the reason no kernel serves it. ``heads``: a
+    layer of that many heads of H units each (the tile kernel's build with a block axis, one program
+    per head and batch tile)."""
     cuda = torch.device("cuda")
-    plan = dispatch.choose(cell, H, dtype, cuda, B, props)
+    plan = dispatch.choose(cell, H, dtype, cuda, B, props, heads=heads)
     out = {"cell": cell, "H": H, "B": B, "dtype": str(dtype).replace("torch.", ""), "label": LABEL}
+    if heads > 1:
+        out["heads"] = heads
     if not plan.uses_triton:
         return dict(out, plan=None, reason=plan.reason)
     c = plan.config
@@ -288,23 +298,25 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
     if c.variant == "stepwise":
         return dict(out, reason="stepwise: one launch per step, launch-bound (not modelled)")
     name = out["dtype"]
-    precision = "tf32" if dtype == torch.float32 else "ieee"  # cuDNN's default allow_tf32
+    # cuDNN's default allow_tf32 (float32 in TF32 where the cell has those builds)
+    precision = "tf32" if dtype == torch.float32 and "tf32" in dispatch.fp32_precisions("sm_90", cell) else "ieee"
     op_bytes = 4 if dtype == torch.float32 else 2
     tiles = -(-B // dispatch.BLOCK_B)
     coop = c.variant == "cooperative"
     spec = dispatch.CELLS[cell]
-    I = I or H
-    gemm_macs = {"fwd": B * spec.num_gates * H * I, "bwd": 2 * B * spec.num_gates * H * I + B * spec.num_gates * H * H}
+    I = I or H * heads
+    GH = spec.num_gates * H * heads  # all heads' gate units
+    gemm_macs = {"fwd": B * GH * I, "bwd": 2 * B * GH * I + B * GH * H}
     total = [0.0, 0.0]
     for mode in ("fwd", "bwd"):
-        kernel = ("coop_" if coop else "") + mode
+        kernel = ("coop_" if coop else "") + mode + ("_bidir" if heads > 1 else "")
         w_chunk = (c.w_chunk if mode == "bwd" else c.fwd_chunk) if coop else 0
         r = _result_for(results, kernel, cell, name, precision, c.block_h, c.num_warps, w_chunk)
         if r is None or not r.sass.get("loops"):
             return dict(out, reason=f"no analysed build for {kernel} {cell} {name} {c.block_h}")
         chunks = -(-H // w_chunk) if w_chunk else 1
         per_program_tiles = -(-tiles // c.groups) if coop else 1
-        programs = -(-H // c.block_u) * c.groups if coop else tiles
+        programs = -(-H // c.block_u) * c.groups if coop else tiles * heads
         step = step_counts(r.sass, per_program_tiles, chunks)
         cost = step_cycles(r, step, programs, op_bytes)
         resident = dispatch.resident_blocks(props, r.num_warps, r.registers, r.shared_bytes) * props.sm_count
@@ -313,7 +325,7 @@ def estimate(results, cell: str, H: int, B: int, dtype: torch.dtype, props=dispa
         gemm = gemm_macs[mode] / (props.sm_count * TENSOR_MACS_PER_CYCLE[op_bytes])
         lo, hi = cost["cycles"][0] * waves + gemm, cost["cycles"][1] * waves + 2 * gemm
         # useful: the real H (padding to BLOCK_H is waste), batch rows in whole tiles of 16
-        useful = spec.num_gates * H * H * tiles * dispatch.BLOCK_B
+        useful = spec.num_gates * H * H * tiles * dispatch.BLOCK_B * heads
         issued = (step["macs"] or step["count"].get("ffma", 0) * 32) * r.num_warps * programs
         out[mode] = {"us": (lo / (CLOCK_GHZ * 1e3), hi / (CLOCK_GHZ * 1e3)), "build": config_id(r),
                      "waves": waves, "programs": programs, "gemm_cycles": gemm,
@@ -332,9 +344,16 @@ ESTIMATE_GRID = {
 }
 
 
+#: Multi-head layers (cell, heads, head size): H = 768 as FlashRNN's users split it.
+ESTIMATE_HEADS = [("LSTM", 12, 64), ("LSTM", 6, 128), ("GRU", 12, 64), ("GRU", 6, 128), ("SLSTM", 12, 64),
+                  ("SLSTM", 6, 128)]
+
+
 def estimates(results, batches=(1, 16, 64), dtypes=(torch.bfloat16, torch.float32)):
-    return [estimate(results, cell, H, B, dtype) for dtype in dtypes for cell, hs in ESTIMATE_GRID.items()
-            for H in hs for B in batches]
+    dense = [estimate(results, cell, H, B, dtype) for dtype in dtypes for cell, hs in ESTIMATE_GRID.items()
+             for H in hs for B in batches]
+    return dense + [estimate(results, cell, H, B, dtype, heads=heads) for dtype in dtypes
+                    for cell, heads, H in ESTIMATE_HEADS for B in (16, 64)]
 
 
 # --- Output ----------------------------------------------------------------------------------------
@@ -370,11 +389,12 @@ def format_estimates(rows) -> str:
     for e in rows:
         plan = "torch fallback" if e["plan"] is None else \
             f"{e['plan']['variant']} {e['plan']['block_h']}"
+        H = f"{e['heads']} x {e['H']}" if "heads" in e else e["H"]  # heads x head size
         if "fwd" not in e:
-            lines.append(f"| {e['cell']} | {e['dtype']} | {e['H']} | {e['B']} | {plan} | {e.get('reason', '')} | | |")
+            lines.append(f"| {e['cell']} | {e['dtype']} | {H} | {e['B']} | {plan} | {e.get('reason', '')} | | |")
             continue
         eff = e["fwd"]["mma_efficiency_at_H"]
-        lines.append(f"| {e['cell']} | {e['dtype']} | {e['H']} | {e['B']} | {plan} | {_range(e['fwd']['us'])} "
+        lines.append(f"| {e['cell']} | {e['dtype']} | {H} | {e['B']} | {plan} | {_range(e['fwd']['us'])} "
                      f"| {_range(e['fwd_bwd']['us'])} | {'-' if eff is None else f'{eff:.3f}'} |")
     return "\n".join(lines)
 
@@ -420,7 +440,7 @@ def plot(rows, path) -> None:
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward+backward")):
         for cell, color in zip(ESTIMATE_GRID, ("C0", "C1", "C2")):
             pts = [(e["H"], e[mode]["us"]) for e in rows if e["cell"] == cell and e["B"] == 16
-                   and e["dtype"] == "bfloat16" and mode in e]
+                   and e["dtype"] == "bfloat16" and mode in e and "heads" not in e]
             if not pts:
                 continue
             hs = [p[0] for p in pts]
@@ -448,7 +468,7 @@ def committed_estimates(path=OUT_DIR / "static_cost.json") -> dict:
     if not Path(path).exists():
         return {}
     rows = json.loads(Path(path).read_text())["estimates"]
-    return {(e["cell"], e["H"], e["B"], e["dtype"]): e for e in rows if "fwd" in e}
+    return {(e["cell"], e["H"], e["B"], e["dtype"]): e for e in rows if "fwd" in e and "heads" not in e}
 
 
 def report_section(out_dir, measured=(), path=OUT_DIR / "static_cost.json") -> list:
@@ -506,7 +526,7 @@ def analyse(jobs: int = 1):
 
 def check(fact_rows, baseline) -> list:
     """Failures: a configuration without a MMA efficiency, below its baseline, missing from it, with
-    tensor-core dots below ``MMA_FLOOR``, or
+    tensor-core dots below ``MMA_FLOOR`` (but ``MMA_FLOOR_EXCEPTIONS``), or
     reading W_hh from global memory inside its loop where the design keeps W_hh on chip (everywhere
     but the cooperative backward that re-reads it in chunks)."""
     bad = []
@@ -521,7 +541,8 @@ def check(fact_rows, baseline) -> list:
             bad.append(f"{cid}: not in {BASELINE_FILE.name} (python -m rnn_triton.static_cost --write-baseline)")
         elif eff < baseline[cid] - 1e-6:
             bad.append(f"{cid}: MMA efficiency {eff:.4f} below its baseline {baseline[cid]:.4f}")
-        elif f["mma"] and eff < MMA_FLOOR:
+        elif f["mma"] and eff < MMA_FLOOR and tuple(cid.split("/")[1:4]) + (int(cid.split("/")[4]),) \
+                not in MMA_FLOOR_EXCEPTIONS:
             bad.append(f"{cid}: MMA efficiency {eff:.4f} below the floor {MMA_FLOOR}")
         if f["weight_loads_in_loop"] and not f["w_chunk"]:
             bad.append(f"{cid}: {f['weight_loads_in_loop']:g} W_hh global loads inside the time loop")

@@ -95,3 +95,19 @@ def test_flops_count():
     assert run.flops("GRU", 1, 1, 4, 4, 1, 1, "forward+backward") == 3 * 2 * 12 * 8
     # a second layer reads the first's output (2H when bidirectional)
     assert run.flops("RNN_TANH", 1, 1, 3, 4, 2, 2, "forward") == 2 * (2 * 4 * (3 + 4) + 2 * 4 * (8 + 4))
+
+
+def test_heads_bench_tiny_preset(tmp_path):
+    """bench/heads.py: ours measured and within float64's tolerance; what cannot run says why."""
+    env = dict(os.environ, RNN_TRITON_STRICT="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "heads.py"), "--preset", "tiny",
+                           "--budget-ms", "5", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "heads.jsonl").read_text().splitlines()]
+    ours = [r for r in rows if r["provider"] == "rnn_triton"]
+    assert {(r["config"]["function"], r["mode"]) for r in ours} == {
+        (f, m) for f in ("lstm", "slstm") for m in ("forward", "forward+backward")}
+    assert all(0 < r["p20"] <= r["p50"] <= r["p80"] and r["rel_err_vs_fp64"] < 1e-4 for r in ours)
+    assert all(r["skipped"] for r in rows if r["provider"] != "rnn_triton" and "mode" not in r)
+    assert "| lstm | 2 x 16 |" in (tmp_path / "HEADS.md").read_text()

@@ -54,39 +54,46 @@ def test_compiled_training_matches_eager(backend):
         assert rel_err(p, q) < 1e-5, name
 
 
-def _fwd_args(cell, with_grad, H=16, D=1):
-    """recurrent_fwd's arguments for a small case of D directions: H = 16 runs tile-persistent,
-    H = 100 (RNN, float32) cooperative (stepwise in the interpreter)."""
+def _fwd_args(cell, with_grad, H=16, D=1, heads=1):
+    """recurrent_fwd's arguments for a small case of D directions of ``heads`` heads: H = 16 runs
+    tile-persistent, H = 100 (RNN, float32) cooperative (stepwise in the interpreter)."""
     spec = dispatch.CELLS[cell]
-    T, B, GH = 5, 3, spec.num_gates * H
-    c = dispatch.choose(cell, H, torch.float32, DEVICE, B).config
+    T, B, GH, K = 5, 3, spec.num_gates * H, D * heads
+    c = dispatch.choose(cell, H, torch.float32, DEVICE, B, heads=heads).config
     t = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=with_grad)  # noqa: E731
-    return (t(T, B, D * GH), t(D * GH, H), t(D * H) if cell == "GRU" else None,
-            t(D, B, H), t(D, B, H) if cell == "LSTM" else None, None, spec.kernel_id, False, False, with_grad,
-            c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.w_chunk, c.num_warps)
+    c0 = None
+    if spec.num_c:
+        c0 = torch.rand(K, B, spec.num_c * H, device=DEVICE) + 1  # (the sLSTM's n: at least 1)
+        c0.requires_grad_(with_grad)
+    return (t(T, B, K * GH), t(K * GH, H), t(K * H) if cell == "GRU" else None,
+            t(K, B, H), c0, None, spec.kernel_id, False, False, with_grad,
+            c.variant, c.block_b, c.block_h, c.block_u, c.groups, c.w_chunk, c.num_warps, c.fwd_chunk, heads)
 
 
-CASES = [("LSTM", 16, 1), ("GRU", 16, 1), ("RNN_TANH", 16, 1), ("RNN_TANH", 100, 1), ("GRU", 16, 2),
-         ("RNN_TANH", 100, 2)]
+CASES = [("LSTM", 16, 1, 1), ("GRU", 16, 1, 1), ("RNN_TANH", 16, 1, 1), ("RNN_TANH", 100, 1, 1), ("GRU", 16, 2, 1),
+         ("RNN_TANH", 100, 2, 1), ("LSTM", 16, 1, 3), ("SLSTM", 16, 1, 2), ("SLSTM", 16, 2, 1)]
 
 
-@pytest.mark.parametrize("cell,H,D", CASES)
-def test_opcheck_forward_op(cell, H, D):
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True, H, D))
-    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False, H, D))
+@pytest.mark.parametrize("cell,H,D,heads", CASES)
+def test_opcheck_forward_op(cell, H, D, heads):
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, True, H, D, heads))
+    torch.library.opcheck(ops.recurrent_fwd, _fwd_args(cell, False, H, D, heads))
 
 
-@pytest.mark.parametrize("cell,H,D", [("LSTM", 16, 1), ("GRU", 16, 1), ("RNN_TANH", 100, 1), ("LSTM", 16, 2),
-                                      ("GRU", 16, 2), ("RNN_TANH", 100, 2)])
-def test_opcheck_backward_op(cell, H, D):
-    args = _fwd_args(cell, False, H, D)
+@pytest.mark.parametrize("cell,H,D,heads,state_grads", [
+    ("LSTM", 16, 1, 1, False), ("GRU", 16, 1, 1, False), ("RNN_TANH", 100, 1, 1, False), ("LSTM", 16, 2, 1, False),
+    ("GRU", 16, 2, 1, False), ("RNN_TANH", 100, 2, 1, False), ("LSTM", 16, 1, 2, True), ("SLSTM", 16, 2, 2, True),
+    ("SLSTM", 16, 1, 1, False)])
+def test_opcheck_backward_op(cell, H, D, heads, state_grads):
+    args = _fwd_args(cell, False, H, D, heads)
     xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first, _, *config = args
     y, hn, cn, saved, cs = ops.recurrent_fwd(xp, w_hh, b_hn, h0, c0, lengths, cell_id, reverse, batch_first,
                                              True, *config)
-    torch.library.opcheck(ops.recurrent_bwd, (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(hn),
+    dcn = torch.randn_like(cn) if cn.numel() else torch.randn_like(hn)
+    torch.library.opcheck(ops.recurrent_bwd, (torch.randn_like(y), torch.randn_like(hn), dcn,
                                               w_hh, saved, cs, h0, c0, lengths, y, cell_id, reverse,
-                                              batch_first,
-                                              *config))
+                                              batch_first, *config[:7], heads,
+                                              torch.randn_like(cs) if state_grads else None))
 
 
 def _under_bf16_autocast(module, x, reference):

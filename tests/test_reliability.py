@@ -353,7 +353,7 @@ def test_inference_saves_nothing_for_backward(cell):
                                                rnn_triton.dispatch.CELLS[cell].kernel_id, False, False,
                                                False, config.variant, config.block_b, config.block_h,
                                                config.block_u, config.groups, config.w_chunk,
-                                               config.num_warps)
+                                               config.num_warps, config.fwd_chunk, 1)
         out, _ = module(torch.randn(9, 3, 4, device=DEVICE))
     assert saved.numel() == 0 and cs.numel() == 0
     assert out.grad_fn is None
