@@ -109,7 +109,7 @@ def test_every_dispatcher_config_compiles_for_sm90_and_the_next_size_does_not(tm
     """The compile check passes for all the dispatcher's configurations (no spills, shared memory
     within 227 KB), and what lies just past each declared limit fails it: the limits are measured."""
     out = tmp_path / "sm90.json"
-    proc = _compile_check("--probe", "--json", str(out), "--verify", "3")
+    proc = _compile_check("--probe", "--json", str(out), "--verify", "1")
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
